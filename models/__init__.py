@@ -1,0 +1,1 @@
+"""Models: the zoo, graph extraction, partitioning and the runtimes that run the pieces."""

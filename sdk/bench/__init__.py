@@ -1,0 +1,3 @@
+"""Benchmarks: ``edgeswarm bench <area>`` measures this machine; nothing is cached."""
+
+AREAS = ("runtimes",)
