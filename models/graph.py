@@ -151,8 +151,9 @@ def _build(gm: fx.GraphModule, rec: _Recorder, name: str) -> TaskGraph:
             sub = modules[str(node.target)]
             kind = kind_of(sub)
             own = list(sub.parameters()) + list(sub.buffers())
-            if kind in _GLUE and not own and latest is not None and latest.kind != "input":
+            if latest is not None and _fuses_into(sub, kind, bool(own), latest.kind):
                 group = latest
+                group.param_bytes += param_bytes(own)
             else:
                 group = new_group(str(node.target), kind)
                 group.param_bytes += param_bytes(own)
@@ -210,6 +211,15 @@ def _to_taskgraph(gm: fx.GraphModule, groups: list[_Group], group_of: dict[fx.No
                           out_bytes=int(out), kind=g.kind, splittable=g.kind in _SPLITTABLE))
     edges = tuple(Edge(TaskId(s), TaskId(d), b) for (s, d), b in edge_bytes.items())
     return TaskGraph(tasks=tuple(tasks), edges=edges, name=name)
+
+
+def _fuses_into(sub: nn.Module, kind: str, has_params: bool, producer_kind: str) -> bool:
+    """Glue joins the task before it; so does a BatchNorm after a conv (it folds into it)."""
+    if producer_kind == "input":
+        return False
+    if kind in _GLUE and not has_params:
+        return True
+    return isinstance(sub, nn.modules.batchnorm._BatchNorm) and producer_kind == "conv"
 
 
 def _function_kind(node: fx.Node) -> str:

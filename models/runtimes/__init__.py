@@ -153,7 +153,7 @@ def _compile_onnx(src: _Source, out: Path, runtime: str, scheme: str,
     if chosen not in ("static", "dynamic"):
         raise InvalidInput(f"unknown int8 scheme {scheme!r}: use auto, static or dynamic")
     calib = [np.asarray(_numpy(c)) for c in src.calibration] if src.calibration else None
-    quantize_onnx(fp32, out, chosen, calib)  # type: ignore[arg-type]
+    quantize_onnx(fp32, out, "static" if chosen == "static" else "dynamic", calib)
     if src.onnx_path is None:
         fp32.unlink(missing_ok=True)
     return OnnxExecutable(out, "onnx-int8", threads)
@@ -168,7 +168,8 @@ def _compile_tflite(src: _Source, out: Path, threads: int | None) -> Executable:
     if not src.calibration:
         raise InvalidInput("runtime 'tflite-int8' needs calibration data (batch-first real "
                            "samples): pass calibration=")
-    convert_int8(src.module, src.example_inputs, src.calibration, out)
+    convert_int8(src.module, src.example_inputs, src.calibration, out,
+                 input_names=src.input_names, output_names=src.output_names)
     return LiteRTExecutable(out, threads=threads)
 
 

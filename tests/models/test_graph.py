@@ -87,3 +87,12 @@ def test_untraceable_module_is_a_clear_error():
 def test_wrong_number_of_inputs():
     with pytest.raises(InvalidInput, match="takes 1 input"):
         extract(nn.Linear(2, 2), (torch.rand(1, 2), torch.rand(1, 2)))
+
+
+def test_batchnorm_after_conv_folds_into_the_conv_task():
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                      nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    g = extract(m, (torch.rand(1, 3, 8, 8),))
+    assert [t.kind for t in g.tasks] == ["input", "conv", "linear"]
+    # conv weight + BN weight, bias, running mean and var + the int64 batch counter
+    assert g.task("0").param_bytes == (8 * 3 * 9 + 4 * 8) * 4 + 8
