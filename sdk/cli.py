@@ -43,6 +43,9 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """edgeswarm: deploy neural networks across a dynamic cluster of edge devices."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not verbose:  # ONNX Runtime's quantizer logs advice on the root logger at every call
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(lambda r: "onnxruntime" not in r.pathname)
 
 
 @app.command("models")

@@ -5,8 +5,11 @@ Two schemes:
 - ``static``: QDQ format, int8 weights (per channel) and uint8 activations whose ranges
   are calibrated on real data. The right choice for CNNs and MLPs: ONNX Runtime's
   dynamic int8 convolution is far slower than fp32 here.
-- ``dynamic``: int8 weights, activation ranges computed per batch at run time
-  (MatMulInteger). No calibration; usually the faster one for transformers.
+- ``dynamic``: int8 weights (per channel), activation ranges computed per batch at run
+  time (MatMulInteger). No calibration. The choice for token-input transformers: on
+  minilm, static QDQ ran at the same speed (272 vs 259 sentences/s at batch 32) but its
+  quantized softmax and mask additions dropped the mean cosine to fp32 to 0.37, while
+  dynamic keeps 0.993.
 """
 
 from __future__ import annotations
@@ -41,13 +44,18 @@ def quantize_onnx(fp32_path: Path, out_path: Path, scheme: Scheme,
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         try:
-            q.quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=False)
+            # symbolic shape inference fails on dynamo exports; ONNX's own is enough here
+            q.quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         except Exception as exc:  # pre-processing only helps; quantize the original instead
             log.debug("quant_pre_process failed (%s); quantizing the model as exported", exc)
             prepared = fp32_path
         if scheme == "dynamic":
+            # Weights only (MatMulConstBOnly): quantizing activation x activation products
+            # (attention scores) loses too much. Per-channel weight scales keep minilm's
+            # embeddings at cosine 0.993 to fp32, against 0.965 per tensor.
             q.quantize_dynamic(str(prepared), str(out_path), weight_type=q.QuantType.QInt8,
-                               per_channel=False)
+                               per_channel=True, op_types_to_quantize=["MatMul", "Gather"],
+                               extra_options={"MatMulConstBOnly": True})
         elif scheme == "static":
             if not calibration:
                 raise InvalidInput(
