@@ -50,7 +50,8 @@ def compile(model: Any, runtime: str = "onnx", example_inputs: Sequence[Any] | N
     ``example_inputs`` (batch-first tensors) are required for a module; ``calibration``
     (batch-first, a few hundred real samples) for static int8 of a module or ONNX file;
     zoo models bring both. ``output`` is where the artifact is written (a temporary
-    directory if omitted). ``int8_scheme``: "auto", "static" or "dynamic".
+    directory if omitted; the runtime's suffix, ``.onnx`` or ``.tflite``, is added when
+    missing). ``int8_scheme``: "auto", "static" or "dynamic".
     """
     if runtime not in RUNTIMES:
         raise InvalidInput(f"unknown runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
@@ -59,6 +60,8 @@ def compile(model: Any, runtime: str = "onnx", example_inputs: Sequence[Any] | N
         suffix = SUFFIX.get(runtime, "")
         output = Path(tempfile.mkdtemp(prefix="edgeswarm-")) / f"{src.name}{suffix}"
     out = Path(output)
+    if runtime in SUFFIX and out.suffix != SUFFIX[runtime]:
+        out = out.with_name(out.name + SUFFIX[runtime])  # load() goes by the suffix
     if runtime == "torch":
         from edgeswarm.models.runtimes.torch_runtime import TorchExecutable
 
