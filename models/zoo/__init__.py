@@ -22,7 +22,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "digits-cnn": ("edgeswarm.models.zoo.digits:load_cnn",
                    "small CNN classifier on scikit-learn's 8x8 handwritten digits"),
     "scene-cnn": ("edgeswarm.models.zoo.scene:load",
-                  "CNN on 96x96 RGB scenes: digits composited onto real photographs"),
+                  "CNN on 64x64 RGB scenes: real digits composited onto real photographs"),
     "minilm": ("edgeswarm.models.zoo.minilm:load",
                "all-MiniLM-L6-v2 sentence encoder (22.7M params), real weights"),
     "smollm2": ("edgeswarm.models.zoo.smollm2:load",
