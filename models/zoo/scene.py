@@ -28,11 +28,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 from torch import nn
 
-from edgeswarm.models.zoo import digits, scene_data
+from edgeswarm.models.zoo import digits, scene_data, training
 from edgeswarm.models.zoo.cache import cache_dir
-from edgeswarm.models.zoo.digits import CALIBRATION_ROWS, TrainConfig
+from edgeswarm.models.zoo.digits import CALIBRATION_ROWS
 from edgeswarm.models.zoo.scene_data import SceneRecipe, SceneSplit
 from edgeswarm.models.zoo.spec import HeldOut, ZooModel
+from edgeswarm.models.zoo.training import TrainConfig
 from edgeswarm.placement.errors import InvalidInput, ModelFileError
 
 log = logging.getLogger("edgeswarm.models.zoo")
@@ -79,13 +80,13 @@ def load() -> ZooModel:
     heldout_y = torch.from_numpy(heldout.labels)
     calibration = to_input(torch.from_numpy(read_split(data_path, "train",
                                                        rows=CALIBRATION_ROWS).images))
-    with digits.deterministic(TRAIN.seed, TRAIN.threads):
+    with training.deterministic(TRAIN.seed, TRAIN.threads):
         module = build_cnn()
-        key = digits.weights_key(module, TRAIN,
+        key = training.weights_key(module, TRAIN,
                                  {"scenes": asdict(RECIPE), "layout": TRAIN_LAYOUT})
-        digits.load_or_train(module, digits.weights_path("scene-cnn", key),
+        training.load_or_train(module, training.weights_path("scene-cnn", key),
                              lambda m: _train(m, data_path))
-        score = digits.accuracy(module, heldout_x, heldout_y, batch_size=200)
+        score = training.accuracy(module, heldout_x, heldout_y, batch_size=200)
     return ZooModel(
         name="scene-cnn", module=module, example_inputs=(heldout_x[:1].clone(),),
         input_names=("input",), output_names=("logits",),
@@ -105,7 +106,7 @@ def _train(module: nn.Module, data_path: Path) -> None:
     train = read_split(data_path, "train")
     # torch's stubs omit Module.to's memory_format keyword, which it accepts at run time.
     module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    digits.fit(module, torch.from_numpy(train.images), torch.from_numpy(train.labels),
+    training.fit(module, torch.from_numpy(train.images), torch.from_numpy(train.labels),
                TRAIN, prepare=_to_channels_last_input)
     module.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
 
