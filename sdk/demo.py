@@ -11,11 +11,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from edgeswarm.bench.runtimes import heldout_outputs, score
+from edgeswarm.bench.timing import interleaved, median
 from edgeswarm.models import zoo
 from edgeswarm.models.graph import extract
 from edgeswarm.models.runtimes import RUNTIMES, Executable, compile
@@ -64,24 +65,10 @@ def run_demo(out: Console, err: Console, model_name: str = DEMO_MODEL) -> None:
 
 def _measure(rt: str, exe: Executable, model: zoo.ZooModel,
              ) -> tuple[str, float, float, float, int]:
-    labels = model.heldout.labels
-    preds = []
-    for start in range(0, len(model.heldout), 64):
-        xs = [x.numpy() for x in model.heldout.batch(start, 64)]
-        preds.append(exe.run(xs)[0].argmax(-1))
-    acc = float((np.concatenate(preds) == labels.numpy()).mean()) if labels is not None else 0.0
+    acc = score(model, heldout_outputs(exe, model))
     one = [x.numpy() for x in model.example_inputs]
     batch = [x.numpy() for x in model.batch(32)]
     exe.run(one)
-    lat = _median_s(lambda: exe.run(one), 20)
-    thr = 32 / _median_s(lambda: exe.run(batch), 5)
+    lat = median(interleaved([lambda: exe.run(one)], rounds=20, budget_s=5.0)[0])
+    thr = 32 / median(interleaved([lambda: exe.run(batch)], rounds=5, budget_s=5.0)[0])
     return rt, acc, lat * 1e3, thr, exe.size_bytes
-
-
-def _median_s(call: object, n: int) -> float:
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        call()  # type: ignore[operator]
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))

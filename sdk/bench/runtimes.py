@@ -20,7 +20,7 @@ from edgeswarm.bench.timing import interleaved, median
 from edgeswarm.models import zoo
 from edgeswarm.models.runtimes import RUNTIMES, Executable, compile
 from edgeswarm.models.runtimes.onnx_runtime import default_threads
-from edgeswarm.placement.errors import Error
+from edgeswarm.placement.errors import Error, InvalidInput
 
 log = logging.getLogger("edgeswarm.bench")
 
@@ -89,7 +89,7 @@ def _bench_model(name: str, runtimes: list[str], rounds: int, budget_s: float, s
     for rt, exe in exes.items():
         say(f"{name}: scoring {rt} on {len(model.heldout)} held-out samples")
         try:
-            rows[rt].accuracy = _score(model, _outputs(exe, model), reference)
+            rows[rt].accuracy = score(model, heldout_outputs(exe, model), reference)
         except Error as exc:
             rows[rt].error = str(exc)
     live = {rt: exe for rt, exe in exes.items() if rows[rt].error is None}
@@ -112,7 +112,7 @@ def _call(exe: Executable, inputs: list[np.ndarray]) -> Callable[[], object]:
     return lambda: exe.run(inputs)
 
 
-def _outputs(exe: Executable, model: zoo.ZooModel) -> np.ndarray:
+def heldout_outputs(exe: Executable, model: zoo.ZooModel) -> np.ndarray:
     parts = []
     for start in range(0, len(model.heldout), SCORE_BATCH):
         xs = [x.numpy() for x in model.heldout.batch(start, SCORE_BATCH)]
@@ -131,10 +131,13 @@ def _torch_outputs(model: zoo.ZooModel) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def _score(model: zoo.ZooModel, out: np.ndarray, reference: np.ndarray) -> float:
+def score(model: zoo.ZooModel, out: np.ndarray, reference: np.ndarray | None = None) -> float:
+    """Held-out score by the model's metric; cosine and agreement compare to ``reference``."""
     if model.metric == "accuracy":
         assert model.heldout.labels is not None, "accuracy needs labels"
         return float((out.argmax(-1) == model.heldout.labels.numpy()).mean())
+    if reference is None:
+        raise InvalidInput(f"scoring {model.name} by {model.metric} needs fp32 reference outputs")
     if model.metric == "cosine":
         a = out.reshape(len(out), -1)
         b = reference.reshape(len(reference), -1)
