@@ -1,0 +1,1 @@
+"""GiPH-style GNN placement policy."""

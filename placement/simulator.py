@@ -1,0 +1,199 @@
+"""The cost model: a plan on a cluster → the timeline of one inference.
+
+Semantics (the contract every policy is trained and judged against):
+
+- A task runs on one device, or split over a tensor-parallel group; a group divides the
+  work in proportion to its members' speeds and then joins the partial outputs with an
+  all-reduce (the cheaper of star and ring, by link latency and bandwidth). All members
+  are busy from the task's start to its end.
+- A transfer between different devices takes ``latency_s + bytes / bandwidth_Bps``; on
+  the same device nothing. A successor on several devices needs the data on each; the
+  output of a tensor-parallel task is on every member of its group.
+- A codec on a cut edge adds its encode time (at the sender's speed) and decode time (at
+  the receiver's) and carries ``ratio`` × the bytes.
+- A device runs one task at a time. Tasks are list-scheduled in the plan's priority
+  order (default: HEFT's upward rank), each into the earliest idle slot of its device(s)
+  after its inputs arrive (insertion-based, as HEFT). Links are not contended.
+- Memory per device: its tasks' parameters (a group member holds its share) plus the
+  largest input + output activation of any task it runs. Over memory is infeasible.
+"""
+
+from __future__ import annotations
+
+from bisect import insort
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from edgeswarm.placement.cluster import Cluster, DeviceId
+from edgeswarm.placement.codecs import DEFAULT_CODECS, CodecSpec
+from edgeswarm.placement.plan import Plan, Schedule, Slot
+from edgeswarm.placement.problem import INF, Group, Problem
+from edgeswarm.placement.taskgraph import TaskGraph
+
+Codecs = Mapping[tuple[int, int], CodecSpec]
+
+
+@dataclass(frozen=True)
+class Timeline:
+    start: list[float]
+    end: list[float]
+    makespan: float
+
+
+def evaluate(p: Problem, groups: Sequence[Group], codecs: Codecs | None = None,
+             order: Sequence[int] | None = None) -> Timeline:
+    """Schedule ``groups`` (task index → device indices) and return start/end times.
+
+    Does not check feasibility (see :func:`violation`); counts one simulator call.
+    """
+    p.calls += 1
+    ls = ListScheduler(p, codecs)
+    for t in order if order is not None else p.default_order:
+        ls.place(t, groups[t])
+    return Timeline(ls.start, ls.end, max(ls.end) if ls.end else 0.0)
+
+
+class ListScheduler:
+    """Places tasks one at a time, in a topological order, into the earliest idle slot.
+
+    The simulator replays a whole plan with it; list-scheduling policies (HEFT, PEFT,
+    greedy) probe candidate devices with :meth:`finish` before committing with
+    :meth:`place`, so their schedules are exactly what the simulator predicts.
+    """
+
+    def __init__(self, p: Problem, codecs: Codecs | None = None) -> None:
+        self.p = p
+        self.codecs = codecs
+        self.groups: list[Group] = [()] * p.n
+        self.start = [0.0] * p.n
+        self.end = [0.0] * p.n
+        self.busy: list[list[tuple[float, float]]] = [[] for _ in range(p.m)]
+
+    def ready(self, t: int, g: Group) -> float:
+        """When every input of ``t`` is on every device of ``g``."""
+        p, end, groups, codecs = self.p, self.end, self.groups, self.codecs
+        lat, ibw, flops = p.lat, p.inv_bw, p.dev_flops
+        ready = 0.0
+        for s, b in p.preds[t]:
+            gs = groups[s]
+            e = end[s]
+            cs = codecs.get((s, t)) if codecs else None
+            for j in g:
+                if j in gs:
+                    arrive = e
+                else:
+                    best = INF
+                    for q in gs:
+                        if cs is None:
+                            x = lat[q][j] + b * ibw[q][j]
+                        else:
+                            x = (b * cs.encode_flops_per_byte / flops[q] + lat[q][j]
+                                 + b * cs.ratio * ibw[q][j]
+                                 + b * cs.decode_flops_per_byte / flops[j])
+                        if x < best:
+                            best = x
+                    arrive = e + best
+                if arrive > ready:
+                    ready = arrive
+        return ready
+
+    def slot(self, t: int, g: Group) -> tuple[float, float]:
+        """(start, end) that placing ``t`` on ``g`` would get."""
+        p = self.p
+        ready = self.ready(t, g)
+        if len(g) == 1:
+            dur = p.comp[t][g[0]]
+            st = _earliest(self.busy[g[0]], ready, dur)
+            return st, st + dur
+        dur = p.group_compute(t, g) + p.allreduce_s(g, p.out[t])
+        st = ready
+        while True:  # the earliest start at which every member is idle
+            moved = max(_earliest(self.busy[j], st, dur) for j in g)
+            if moved == st:
+                return st, st + dur
+            st = moved
+
+    def finish(self, t: int, g: Group) -> float:
+        return self.slot(t, g)[1]
+
+    def place(self, t: int, g: Group) -> tuple[float, float]:
+        st, en = self.slot(t, g)
+        for j in g:
+            insort(self.busy[j], (st, en))
+        self.groups[t] = g
+        self.start[t] = st
+        self.end[t] = en
+        return st, en
+
+
+def _earliest(intervals: list[tuple[float, float]], ready: float, dur: float) -> float:
+    cand = ready
+    for a, b in intervals:
+        if b <= cand:
+            continue
+        if cand + dur <= a:
+            break
+        cand = b
+    return cand
+
+
+def memory(p: Problem, groups: Sequence[Group]) -> list[int]:
+    """Bytes each device needs: parameters of its tasks plus its largest activation."""
+    params = [0.0] * p.m
+    peak = [0] * p.m
+    for t, g in enumerate(groups):
+        if len(g) == 1:
+            params[g[0]] += p.param[t]
+        else:
+            speed = [1.0 / p.comp[t][j] for j in g]
+            total = sum(speed)
+            for j, s in zip(g, speed, strict=True):
+                params[j] += p.param[t] * s / total
+        act = p.in_bytes[t] + p.out[t]
+        for j in g:
+            if act > peak[j]:
+                peak[j] = act
+    return [int(params[j] + peak[j]) for j in range(p.m)]
+
+
+def violation(p: Problem, groups: Sequence[Group]) -> str:
+    """Why ``groups`` breaks a constraint, or '' when it is feasible."""
+    for t, g in enumerate(groups):
+        if not g:
+            return f"task {p.task_ids[t]!r} is assigned to no device"
+        if len(g) > 1 and not p.splittable[t]:
+            return (f"task {p.task_ids[t]!r} is not splittable but is assigned to "
+                    f"{len(g)} devices")
+        for j in g:
+            if p.comp[t][j] == INF:
+                return f"task {p.task_ids[t]!r} may not run on device {p.dev_ids[j]!r}"
+    for j, used in enumerate(memory(p, groups)):
+        if used > p.dev_mem[j]:
+            return (f"device {p.dev_ids[j]!r} needs {used} bytes but has "
+                    f"{p.dev_mem[j]}")
+    return ""
+
+
+def schedule_of(p: Problem, groups: Sequence[Group], codecs: Codecs | None = None,
+                order: Sequence[int] | None = None) -> Schedule:
+    """The full :class:`Schedule` (ids, memory, feasibility) of an index-level plan."""
+    tl = evaluate(p, groups, codecs, order)
+    mem = memory(p, groups)
+    reason = violation(p, groups)
+    slots = {p.task_ids[t]: Slot(tuple(p.dev_ids[j] for j in groups[t]), tl.start[t], tl.end[t])
+             for t in range(p.n)}
+    return Schedule(slots, tl.makespan,
+                    {DeviceId(p.dev_ids[j]): mem[j] for j in range(p.m)},
+                    feasible=not reason, reason=reason)
+
+
+def simulate(graph: TaskGraph, cluster: Cluster, plan: Plan,
+             codec_table: Mapping[str, CodecSpec] = DEFAULT_CODECS) -> Schedule:
+    """Evaluate ``plan``: its schedule, makespan, per-device memory and feasibility.
+
+    Raises :class:`InvalidInput` for a plan that does not fit the graph or cluster
+    (a task left out, an unknown device or codec); a plan that breaks a constraint
+    (memory, allowed devices) comes back with ``feasible=False`` and the reason.
+    """
+    p = Problem(graph, cluster, codec_table)
+    return schedule_of(p, p.groups_of(plan), p.codecs_of(plan), p.order_of(plan))
