@@ -65,9 +65,9 @@ class Problem:
         self.preds: list[list[tuple[int, int]]] = [[] for _ in range(self.n)]
         self.succs: list[list[tuple[int, int]]] = [[] for _ in range(self.n)]
         for e in g.edges:
-            s, d = self.t_index[e.src], self.t_index[e.dst]
-            self.preds[d].append((s, e.bytes))
-            self.succs[s].append((d, e.bytes))
+            src, dst = self.t_index[e.src], self.t_index[e.dst]
+            self.preds[dst].append((src, e.bytes))
+            self.succs[src].append((dst, e.bytes))
         self.in_bytes = [sum(b for _, b in p) for p in self.preds]
         self.lat = [[0.0] * self.m for _ in range(self.m)]
         self.inv_bw = [[0.0] * self.m for _ in range(self.m)]
