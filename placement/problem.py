@@ -77,6 +77,7 @@ class Problem:
                     spec = c.link(da, db)
                     self.lat[a][b] = spec.latency_s
                     self.inv_bw[a][b] = 1.0 / spec.bandwidth_Bps
+        self._link_means: tuple[float, float] | None = None
         self.topo = [self.t_index[t] for t in g.topological_order()]
         self.rank = self._upward_rank()
         pos = {t: i for i, t in enumerate(self.topo)}
@@ -95,9 +96,12 @@ class Problem:
         """HEFT's average communication cost: mean latency + bytes / mean bandwidth."""
         if self.m < 2:
             return 0.0
-        pairs = self.m * (self.m - 1)
-        lat = sum(map(sum, self.lat)) / pairs
-        bw = sum(1.0 / x for row in self.inv_bw for x in row if x > 0) / pairs
+        if self._link_means is None:  # once: rank and OCT tables ask for every edge
+            pairs = self.m * (self.m - 1)
+            self._link_means = (
+                sum(map(sum, self.lat)) / pairs,
+                sum(1.0 / x for row in self.inv_bw for x in row if x > 0) / pairs)
+        lat, bw = self._link_means
         return lat + nbytes / bw
 
     def _upward_rank(self) -> list[float]:
