@@ -8,7 +8,7 @@ the GNN policy enumerate the same moves, so they explore the same space.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from edgeswarm.placement.problem import Group, Problem
@@ -69,9 +69,17 @@ Move = Relocate | Regroup | SetCodec
 
 
 def moves(p: Problem, s: State, tp: bool = True, codecs: bool = True,
-          codec_names: Mapping[str, object] | None = None) -> Iterator[Move]:
-    """Every move from ``s`` that respects the allowed devices (memory is checked later)."""
+          codec_names: Mapping[str, object] | None = None,
+          tasks: Iterable[int] | None = None) -> Iterator[Move]:
+    """Every move from ``s`` that respects the allowed devices (memory is checked later).
+
+    With ``tasks``, only the moves that touch one of them: relocating or regrouping it,
+    or a codec on an edge into or out of it.
+    """
+    only = set(tasks) if tasks is not None else None
     for t in range(p.n):
+        if only is not None and t not in only:
+            continue
         g = s.groups[t]
         for j in p.allowed[t]:
             if g != (j,):
@@ -88,6 +96,8 @@ def moves(p: Problem, s: State, tp: bool = True, codecs: bool = True,
         names = list(codec_names if codec_names is not None else p.codec_table)
         for t in range(p.n):
             for d, _ in p.succs[t]:
+                if only is not None and t not in only and d not in only:
+                    continue
                 if set(s.groups[d]) <= set(s.groups[t]):
                     continue  # not a cut edge: the data is already there
                 current = s.codecs.get((t, d), "none")
