@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from edgeswarm.placement.cluster import Cluster
-from edgeswarm.placement.errors import InvalidInput, PlacementInfeasible
+from edgeswarm.placement.errors import InvalidInput, PlacementInfeasible, RuntimeNotAvailable
 from edgeswarm.placement.plan import Plan
 from edgeswarm.placement.problem import Group, Problem
 from edgeswarm.placement.simulator import schedule_of
@@ -67,7 +67,13 @@ def policy(name: str) -> Policy:
         raise InvalidInput(f"unknown policy {name!r}; choose one of {', '.join(REGISTRY)}") \
             from None
     module, _, attr = target.partition(":")
-    fn: Policy = getattr(importlib.import_module(module), attr)
+    try:
+        loaded = importlib.import_module(module)
+    except ModuleNotFoundError as exc:  # an optional dependency (torch-geometric) is missing
+        raise RuntimeNotAvailable(f"policy {name!r} cannot load: no module {exc.name!r}; "
+                                  f"install edgeswarm[placement] or choose another policy") \
+            from exc
+    fn: Policy = getattr(loaded, attr)
     return fn
 
 
