@@ -5,8 +5,9 @@
 
 Runtimes: ``torch`` (fp32 eager), ``onnx`` (ONNX Runtime fp32), ``onnx-int8`` (ONNX
 Runtime int8: static QDQ calibrated on real data for float-input models, dynamic for
-token-input transformers), ``tflite-int8`` (full-integer LiteRT model, run by the LiteRT
-interpreter). :func:`load` reopens an artifact with only its runtime library.
+token-input encoders, weight-only blocks for decoder LMs that ask for it),
+``tflite-int8`` (full-integer LiteRT model, run by the LiteRT interpreter). :func:`load`
+reopens an artifact with only its runtime library.
 """
 
 from __future__ import annotations
@@ -20,10 +21,15 @@ from typing import Any
 import numpy as np
 
 from edgeswarm.models.runtimes.base import Executable
+from edgeswarm.models.runtimes.onnx_quant import SCHEMES, Scheme
 from edgeswarm.placement.errors import InvalidInput, ModelFileError, UnknownModel
 
 RUNTIMES = ("torch", "onnx", "onnx-int8", "tflite-int8")
 SUFFIX = {"onnx": ".onnx", "onnx-int8": ".onnx", "tflite-int8": ".tflite"}
+#: Node types that only an int8 ONNX file has (static QDQ, dynamic, weight-only).
+_INT8_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
+                       "MatMulInteger", "QLinearConv", "QLinearMatMul", "MatMulNBits",
+                       "DynamicQuantizeMatMul", "MatMulIntegerToFloat"})
 
 
 @dataclass
@@ -38,6 +44,7 @@ class _Source:
     output_names: tuple[str, ...] = ()
     free_dims: dict[str, tuple[int, ...]] = field(default_factory=dict)
     calibration: tuple[Any, ...] | None = None
+    int8_scheme: str | None = None  # a zoo model's preference
 
 
 def compile(model: Any, runtime: str = "onnx", example_inputs: Sequence[Any] | None = None,
@@ -51,10 +58,14 @@ def compile(model: Any, runtime: str = "onnx", example_inputs: Sequence[Any] | N
     (batch-first, a few hundred real samples) for static int8 of a module or ONNX file;
     zoo models bring both. ``output`` is where the artifact is written (a temporary
     directory if omitted; the runtime's suffix, ``.onnx`` or ``.tflite``, is added when
-    missing). ``int8_scheme``: "auto", "static" or "dynamic".
+    missing). ``int8_scheme``: "auto", "static", "dynamic" or "weight-only" (see
+    :mod:`~edgeswarm.models.runtimes.onnx_quant`); "auto" takes the zoo model's preference
+    if it has one, else static for float inputs and dynamic for token inputs.
     """
     if runtime not in RUNTIMES:
         raise InvalidInput(f"unknown runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
+    if int8_scheme != "auto":
+        _scheme(int8_scheme)  # fail before the export, not after
     src = _resolve(model, example_inputs, calibration, input_names, output_names)
     if output is None:
         suffix = SUFFIX.get(runtime, "")
@@ -102,7 +113,8 @@ def _resolve(model: Any, example_inputs: Sequence[Any] | None, calibration: Sequ
             z = zoo.load(text)
             return _Source(z.name, z.module, None, z.example_inputs, z.input_names,
                            z.output_names, dict(z.dynamic_dims),
-                           tuple(calibration) if calibration is not None else z.calibration)
+                           tuple(calibration) if calibration is not None else z.calibration,
+                           z.int8_scheme)
         path = Path(text)
         if path.suffix == ".onnx" or path.exists():
             if not path.is_file():
@@ -150,13 +162,14 @@ def _compile_onnx(src: _Source, out: Path, runtime: str, scheme: str,
         return OnnxExecutable(out, "onnx", threads)
     from edgeswarm.models.runtimes.onnx_quant import quantize_onnx
 
-    chosen = scheme
-    if scheme == "auto":
+    if scheme != "auto":
+        chosen = _scheme(scheme)
+    elif src.int8_scheme is not None:
+        chosen = _scheme(src.int8_scheme)
+    else:
         chosen = "static" if _float_inputs(src, fp32) else "dynamic"
-    if chosen not in ("static", "dynamic"):
-        raise InvalidInput(f"unknown int8 scheme {scheme!r}: use auto, static or dynamic")
     calib = [np.asarray(_numpy(c)) for c in src.calibration] if src.calibration else None
-    quantize_onnx(fp32, out, "static" if chosen == "static" else "dynamic", calib)
+    quantize_onnx(fp32, out, chosen, calib)
     if src.onnx_path is None:
         fp32.unlink(missing_ok=True)
     return OnnxExecutable(out, "onnx-int8", threads)
@@ -176,6 +189,13 @@ def _compile_tflite(src: _Source, out: Path, threads: int | None) -> Executable:
     return LiteRTExecutable(out, threads=threads)
 
 
+def _scheme(name: str) -> Scheme:
+    for scheme in SCHEMES:
+        if scheme == name:
+            return scheme
+    raise InvalidInput(f"unknown int8 scheme {name!r}: use one of auto, {', '.join(SCHEMES)}")
+
+
 def _float_inputs(src: _Source, fp32: Path) -> bool:
     if src.example_inputs:
         return all(getattr(x, "is_floating_point", lambda: True)() for x in src.example_inputs)
@@ -187,11 +207,14 @@ def _float_inputs(src: _Source, fp32: Path) -> bool:
 
 
 def _is_quantized(path: Path) -> bool:
+    """An int8 op, or a Gather from an 8-bit table (weight-only embeddings)."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    return any(n.op_type in ("QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
-                             "QLinearConv", "QLinearMatMul") for n in model.graph.node)
+    int8 = {i.name for i in model.graph.initializer
+            if i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)}
+    return any(n.op_type in _INT8_OPS or (n.op_type == "Gather" and n.input[0] in int8)
+               for n in model.graph.node)
 
 
 def _numpy(x: Any) -> Any:

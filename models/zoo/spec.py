@@ -53,6 +53,9 @@ class ZooModel:
     dynamic_dims: dict[str, tuple[int, ...]] = field(default_factory=dict)
     #: Optional: make a batch of ``n`` inputs for throughput tests (defaults to heldout rows).
     make_batch: Callable[[int], tuple[torch.Tensor, ...]] | None = None
+    #: Optional: the onnx-int8 scheme that suits this model ("static", "dynamic" or
+    #: "weight-only"); when None, compile() picks static for float inputs, else dynamic.
+    int8_scheme: str | None = None
 
     def batch(self, n: int) -> tuple[torch.Tensor, ...]:
         if self.make_batch is not None:
