@@ -176,7 +176,8 @@ def _compile_onnx(src: _Source, out: Path, runtime: str, scheme: str,
 
 
 def _compile_tflite(src: _Source, out: Path, threads: int | None) -> Executable:
-    from edgeswarm.models.runtimes.litert import LiteRTExecutable, convert_int8
+    from edgeswarm.models.runtimes.litert import LiteRTExecutable
+    from edgeswarm.models.runtimes.litert_convert import convert_int8
 
     if src.module is None:
         raise InvalidInput("runtime 'tflite-int8' converts a torch module (or zoo name); "

@@ -89,3 +89,9 @@ def _kind(dtype: Any) -> str:
     if "bool" in name:
         return "b"
     return name
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception message, for one-line errors that name a cause."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
