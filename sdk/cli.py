@@ -14,9 +14,12 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import edgeswarm
+from edgeswarm.cli_placement import bench_placement_cmd, place_cmd, simulate_cmd
+from edgeswarm.cli_train import train_command
 
 app = typer.Typer(help="edgeswarm: deploy neural networks across a dynamic cluster of edge "
                        "devices. Run 'edgeswarm COMMAND --help' for a command's options.",
@@ -24,6 +27,9 @@ app = typer.Typer(help="edgeswarm: deploy neural networks across a dynamic clust
 bench_app = typer.Typer(help="Measure this machine: 'edgeswarm bench AREA [--json]'.",
                         no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+placement_app = typer.Typer(help="The placement policy: 'edgeswarm placement train'.",
+                            no_args_is_help=True)
+app.add_typer(placement_app, name="placement")
 
 err = Console(stderr=True)
 out = Console()
@@ -93,7 +99,7 @@ def compile_cmd(model: str = typer.Argument(..., help="A zoo name or an .onnx fi
                                             help="torch | onnx | onnx-int8 | tflite-int8"),
                 output: Path = typer.Option(..., "--output", "-o", help="Artifact to write."),
                 scheme: str = typer.Option("auto", "--int8-scheme",
-                                           help="auto | static | dynamic (onnx-int8 only)"),
+                                           help="auto | static | dynamic | weight-only (onnx-int8 only)"),
                 ) -> None:
     """Compile a model for one runtime and write the artifact."""
     from edgeswarm.models.runtimes import compile as compile_model
@@ -149,6 +155,13 @@ def bench_runtimes(as_json: bool = typer.Option(False, "--json", help="Print one
     out.print(summary)
 
 
+# Placement commands live in their own modules (cli_placement.py, cli_train.py).
+app.command("place")(place_cmd)
+app.command("simulate")(simulate_cmd)
+bench_app.command("placement")(bench_placement_cmd)
+placement_app.command("train")(train_command)
+
+
 def _num(x: Any, digits: int) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
@@ -167,5 +180,6 @@ def main() -> None:
     try:
         app()
     except edgeswarm.Error as exc:
-        err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False,
+                  soft_wrap=True)
         sys.exit(2)

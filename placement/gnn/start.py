@@ -1,0 +1,184 @@
+"""Start plans for the search: HEFT's rule made aware of codecs and tensor parallelism.
+
+HEFT (:mod:`edgeswarm.placement.heft`) picks each task's device by earliest finish time
+with plain transfers and single devices. When the plan may use codecs and
+tensor-parallel groups, the same rule is much stronger if it sees them: each candidate
+device is costed with the cheapest codec on every incoming edge, and a splittable task
+then grows its group one device at a time while that makes it finish earlier. Tasks
+are committed through the simulator's own :class:`ListScheduler`, so the schedule
+built is exactly the one the simulator predicts for the plan (same priority order, same
+insertion rule): building it costs no simulator call.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+
+import numpy as np
+
+from edgeswarm.placement.codecs import CodecSpec
+from edgeswarm.placement.errors import PlacementInfeasible
+from edgeswarm.placement.gnn.features import allreduce_appended
+from edgeswarm.placement.gnn.tables import Tables
+from edgeswarm.placement.moves import MAX_GROUP
+from edgeswarm.placement.problem import Group
+from edgeswarm.placement.simulator import ListScheduler
+
+Codecs = dict[tuple[int, int], str]
+
+
+def optimistic(tb: Tables, use_codecs: bool) -> tuple[list[int], np.ndarray]:
+    """PEFT's look-ahead (Arabnejad and Barbosa, 2014): the optimistic cost table
+    ``OCT[t, k]`` (the longest way from t on device k to an exit if every later task
+    took its best device, transfers at their mean cost, contention ignored) and the
+    order PEFT's ready list takes tasks in (highest mean OCT first)."""
+    p = tb.p
+    table, _ = tb.edge_costs(use_codecs)
+    off = ~np.eye(tb.m, dtype=bool)
+    mean = table[:, off].mean(axis=1) if tb.m > 1 else np.zeros(len(tb.es))
+    oct_ = np.zeros((tb.n, tb.m))
+    for t in reversed(p.topo):
+        for s, _ in p.succs[t]:
+            reach = oct_[s] + tb.comp[s]  # inf where s may not run
+            best = np.minimum(reach, reach.min() + mean[tb.edge_index[(t, s)]])
+            np.maximum(oct_[t], best, out=oct_[t])
+    rank = np.where(tb.allowed, oct_, 0.0).sum(axis=1) / tb.allowed.sum(axis=1)
+    pos = {t: i for i, t in enumerate(p.topo)}
+    waiting = [len(p.preds[t]) for t in range(tb.n)]
+    ready = [(-float(rank[t]), pos[t], t) for t in range(tb.n) if not waiting[t]]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        t = heapq.heappop(ready)[2]
+        order.append(t)
+        for s, _ in p.succs[t]:
+            waiting[s] -= 1
+            if not waiting[s]:
+                heapq.heappush(ready, (-float(rank[s]), pos[s], s))
+    return order, oct_
+
+
+def aware_list_schedule(tb: Tables, order: Sequence[int], *, use_codecs: bool, tp: bool,
+                        lookahead: np.ndarray | None = None) -> tuple[list[Group], Codecs]:
+    """Earliest-finish-time list scheduling of ``order`` with the cheapest codec per
+    incoming edge and, for splittable tasks, greedily grown tensor-parallel groups.
+    With ``lookahead`` (n × m), a task goes where finish time + lookahead is least."""
+    p = tb.p
+    spec: dict[tuple[int, int], CodecSpec] = {}
+    ls = ListScheduler(p, spec)
+    params = np.zeros(tb.m)
+    peak = np.zeros(tb.m)
+    codecs: Codecs = {}
+    for t in order:
+        ready, choice = _arrivals(tb, ls, t, use_codecs)
+        need = params + tb.param[t] + np.maximum(peak, tb.act[t])
+        ok = np.nonzero(tb.allowed[t] & (need <= tb.mem))[0]
+        if not len(ok):
+            raise PlacementInfeasible(
+                f"task {p.task_ids[t]!r} ({p.param[t]} parameter bytes) fits in the memory "
+                f"of none of its devices ({', '.join(p.dev_ids[j] for j in p.allowed[t])}) "
+                f"next to the tasks placed before it")
+        best = np.inf
+        group: Group = (int(ok[0]),)
+        comp, at = p.comp[t], ready.tolist()   # plain floats: this loop is the hot one
+        ahead = lookahead[t].tolist() if lookahead is not None else [0.0] * tb.m
+        for j in ok.tolist():
+            end = _earliest(ls.busy[j], at[j], comp[j]) + comp[j] + ahead[j]
+            if end < best:
+                best, group = end, (j,)
+        if tp and tb.splittable[t]:
+            group = _grow(tb, ls, params, peak, t, group, best - ahead[group[0]], ready)
+        chosen: Codecs = {}
+        for i, (s, _) in enumerate(p.preds[t]):
+            if set(group) <= set(ls.groups[s]) or not use_codecs:
+                continue
+            if len(group) == 1 and len(ls.groups[s]) == 1:
+                c = int(choice[i, group[0]])
+                name = tb.codec_names[c] if c >= 0 else "none"
+            else:
+                name = tb.best_codec(s, t, [*ls.groups[:t], group, *ls.groups[t + 1:]])
+            if name != "none":
+                chosen[(s, t)] = name
+        for key, name in chosen.items():
+            spec[key] = p.codec_table[name]
+        codecs.update(chosen)
+        ls.place(t, group)
+        if len(group) == 1:
+            params[group[0]] += tb.param[t]
+            peak[group[0]] = max(peak[group[0]], tb.act[t])
+        else:
+            params[list(group)] += _shares(tb, t, group)
+            peak[list(group)] = np.maximum(peak[list(group)], tb.act[t])
+    return list(ls.groups), codecs
+
+
+def _arrivals(tb: Tables, ls: ListScheduler, t: int,
+              use_codecs: bool) -> tuple[np.ndarray, np.ndarray]:
+    """When all of t's inputs could be on each device (each edge with its cheapest codec
+    for that device), and that codec per (incoming edge, device) (-1: none)."""
+    p = tb.p
+    preds = p.preds[t]
+    if not preds:
+        return np.zeros(tb.m), np.zeros((0, tb.m), dtype=np.int8)
+    table, codec = tb.edge_costs(use_codecs)
+    edges = np.array([tb.edge_index[(s, t)] for s, _ in preds])
+    src = np.array([ls.groups[s][0] for s, _ in preds])
+    cost = table[edges, src, :]
+    choice = codec[edges, src, :]
+    for i, (s, _) in enumerate(preds):
+        for q in ls.groups[s][1:]:  # a tensor-parallel source: its output is on every member
+            cost[i] = np.minimum(cost[i], table[edges[i], q, :])
+    ends = np.array([ls.end[s] for s, _ in preds])[:, None]
+    return (ends + cost).max(axis=0), choice
+
+
+def _shares(tb: Tables, t: int, g: Group) -> np.ndarray:
+    speed = 1.0 / tb.comp[t, list(g)]
+    out: np.ndarray = tb.param[t] * speed / speed.sum()
+    return out
+
+
+def _grow(tb: Tables, ls: ListScheduler, params: np.ndarray, peak: np.ndarray, t: int,
+          g: Group, end: float, ready: np.ndarray) -> Group:
+    """Add devices to t's group while its estimated finish improves."""
+    with np.errstate(divide="ignore"):
+        inv = 1.0 / tb.comp[t]  # 0 where t may not run
+    while len(g) < MAX_GROUP:
+        idx = list(g)
+        ok = tb.allowed[t].copy()
+        ok[idx] = False
+        dur = 1.0 / (inv[idx].sum() + inv) + allreduce_appended(tb, g, float(tb.out[t]))
+        earliest = np.maximum(ready[idx].max(), ready) + dur
+        best: tuple[float, Group] | None = None
+        for j in np.nonzero(ok & (earliest < end * (1 - 1e-9)))[0].tolist():
+            trial = (*g, j)
+            members = [*idx, j]
+            need = (params[members] + _shares(tb, t, trial)
+                    + np.maximum(peak[members], tb.act[t]))
+            if (need > tb.mem[members]).any():
+                continue
+            st = float(max(ready[members]))
+            while True:  # the earliest start at which every member is idle
+                moved = max(_earliest(ls.busy[x], st, dur[j]) for x in trial)
+                if moved == st:
+                    break
+                st = moved
+            if st + dur[j] < end * (1 - 1e-9) and (best is None or st + dur[j] < best[0]):
+                best = (st + dur[j], trial)
+        if best is None:
+            return g
+        end, g = best
+    return g
+
+
+def _earliest(intervals: list[tuple[float, float]], ready: float, dur: float) -> float:
+    """As the simulator: the earliest start >= ready of an idle gap of length dur."""
+    cand = ready
+    for a, b in intervals:
+        if b <= cand:
+            continue
+        if cand + dur <= a:
+            break
+        cand = b
+    return cand

@@ -1,0 +1,271 @@
+"""Re-planning after devices leave or join: keep what still fits, move few tasks.
+
+Three steps:
+
+1. **Repair**: list-schedule on the new cluster in upward-rank order, as HEFT does, but
+   sticky: a task whose old device(s) are still present, allowed and have room stays
+   unless a device it could not use before (one that joined, or came back at another
+   speed) would finish it more than :data:`STICK` earlier; every other task goes where it
+   finishes earliest. A second repair lets staying tasks move to any device by the same
+   rule, and HEFT from scratch is a third candidate; the start is the one with the least
+   makespan × (1 + :data:`MOVE_PRICE` × share of tasks moved), so the plan is rebuilt
+   only when keeping it costs much more latency than moving.
+2. **Improve** with an improving policy (``search``, ``gnn``) started from the repair,
+   within a budget of simulator calls.
+3. **Settle**: undo each move the improver made to a task that could have stayed, when
+   undoing it costs at most :data:`MOVE_TOLERANCE` of latency, so a task only moves for
+   a real gain.
+
+Pure: no clock unless one is passed in for the decision time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from edgeswarm.placement.cluster import Cluster
+from edgeswarm.placement.errors import InvalidInput, PlacementInfeasible
+from edgeswarm.placement.heft import list_schedule
+from edgeswarm.placement.plan import Plan
+from edgeswarm.placement.policies import Options, Solution, solve
+from edgeswarm.placement.problem import INF, Group, Problem
+from edgeswarm.placement.simulator import ListScheduler, evaluate, schedule_of, violation
+from edgeswarm.placement.taskgraph import TaskGraph
+
+#: In the repair, a task stays on its old device(s) unless another finishes it more than
+#: this share earlier.
+STICK = 0.05
+
+#: Choosing where to start improving from, moving every task is worth it when it cuts
+#: latency by more than this share.
+MOVE_PRICE = 0.1
+
+#: A kept task moved by the improver goes back when that costs at most this share of
+#: the improved latency (the total cost of all undone moves stays within it).
+MOVE_TOLERANCE = 0.01
+
+#: ``policy`` value that stops after the repair step (no improving policy).
+REPAIR_ONLY = "repair"
+
+IndexCodecs = dict[tuple[int, int], str]
+
+
+@dataclass(frozen=True)
+class Replan:
+    #: The new plan, simulated on the new cluster and feasible.
+    plan: Plan
+    #: Tasks whose device(s) differ from the old plan.
+    tasks_moved: int
+    #: Tasks left where they were.
+    kept: int
+
+
+def replan(plan: Plan, graph: TaskGraph, new_cluster: Cluster, policy: str = "search",
+           opts: Options | None = None, clock: Callable[[], float] | None = None,
+           old_cluster: Cluster | None = None) -> Replan:
+    """Adapt ``plan`` to ``new_cluster`` (devices left, joined or changed).
+
+    ``policy`` is the improving policy of step 2 (``"search"`` or ``"gnn"``), or
+    ``"repair"`` to stop after the repair. ``opts.budget`` bounds its simulator calls
+    (default 2|V|, as from scratch); choosing the start costs 3 more and the settle step
+    at most one per task the improver moved. ``old_cluster`` tells which devices are new
+    or changed speed; without it, devices absent from the old plan's memory table (or,
+    for a plan never simulated, unused by it) count as new. Raises
+    :class:`PlacementInfeasible` naming the task when no device of the new cluster may
+    run it or has room for it.
+    """
+    opts = opts or Options()
+    t0 = clock() if clock else 0.0
+    p = Problem(graph, new_cluster)  # raises when a task may run on no device left
+    calls0 = p.calls
+    old = _old_groups(p, plan)
+    order = list(p.default_order)
+    codecs = _old_codecs(p, plan) if opts.codecs else {}
+    groups, codecs = _start(p, old, order, codecs, opts.tp, _fresh(p, plan, old_cluster))
+    name = REPAIR_ONLY
+    if policy != REPAIR_ONLY:
+        groups, codecs, order = _improve(p, policy, opts, groups, codecs, order)
+        groups = _settle(p, groups, codecs, order, old, opts.tp)
+        codecs = _cut_only(p, groups, codecs)
+        name = policy
+    decision = (clock() - t0) if clock else 0.0
+    calls = p.calls - calls0
+    specs = {k: p.codec_table[v] for k, v in codecs.items()}
+    schedule = schedule_of(p, groups, specs, order)
+    if not schedule.feasible:  # every step respects memory: this is a bug, not bad input
+        raise PlacementInfeasible(f"replan produced an infeasible plan: {schedule.reason}")
+    new = p.to_plan(groups, f"replan/{name}", codecs, order)
+    moved = tasks_moved(plan, new)
+    return Replan(new.with_schedule(schedule, decision_s=decision, simulator_calls=calls),
+                  tasks_moved=moved, kept=p.n - moved)
+
+
+def tasks_moved(old: Plan, new: Plan) -> int:
+    """Tasks of ``new`` whose set of devices differs from ``old`` (or that ``old`` lacks)."""
+    return sum(1 for tid, devs in new.assignments.items()
+               if set(devs) != set(old.assignments.get(tid, ())))
+
+
+def _old_groups(p: Problem, plan: Plan) -> list[Group | None]:
+    """The old plan by index on the new cluster; None where a device is gone."""
+    extra = [t for t in plan.assignments if t not in p.t_index]
+    if extra:
+        raise InvalidInput(f"replan: the plan assigns task(s) {extra[:5]} that are not in "
+                           f"the graph; pass the graph the plan was made for")
+    out: list[Group | None] = []
+    for tid in p.task_ids:
+        devs = plan.assignments.get(tid)
+        if devs is None or any(d not in p.d_index for d in devs):
+            out.append(None)
+        else:
+            out.append(tuple(p.d_index[d] for d in devs))
+    return out
+
+
+class _Room:
+    """Memory per device as tasks claim it, tensor-parallel shares included."""
+
+    def __init__(self, p: Problem) -> None:
+        self.p = p
+        self.params = [0.0] * p.m
+        self.peak = [0] * p.m
+
+    def _shares(self, t: int, g: Group) -> list[tuple[int, float]]:
+        p = self.p
+        if len(g) == 1:
+            return [(g[0], float(p.param[t]))]
+        speed = [1.0 / p.comp[t][j] for j in g]
+        total = sum(speed)
+        return [(j, p.param[t] * s / total) for j, s in zip(g, speed, strict=True)]
+
+    def fits(self, t: int, g: Group) -> bool:
+        p = self.p
+        act = p.in_bytes[t] + p.out[t]
+        return all(self.params[j] + b + max(self.peak[j], act) <= p.dev_mem[j]
+                   for j, b in self._shares(t, g))
+
+    def add(self, t: int, g: Group) -> None:
+        act = self.p.in_bytes[t] + self.p.out[t]
+        for j, b in self._shares(t, g):
+            self.params[j] += b
+            self.peak[j] = max(self.peak[j], act)
+
+
+def _usable(p: Problem, t: int, g: Group, tp: bool) -> bool:
+    """``g`` is still a legal place for ``t`` (devices allowed; a group only with TP)."""
+    if len(g) > 1 and not (tp and p.splittable[t]):
+        return False
+    return all(p.comp[t][j] < INF for j in g)
+
+
+def _repair(p: Problem, old: Sequence[Group | None], order: Sequence[int],
+            codecs: IndexCodecs, tp: bool, fresh: set[int] | None) -> list[Group] | None:
+    """List-schedule in ``order``: a task stays where it was unless a ``fresh`` device
+    (any device when None) finishes it clearly earlier; a task that cannot stay goes
+    where it finishes earliest. None: a task fits nowhere."""
+    room = _Room(p)
+    ls = ListScheduler(p, {k: p.codec_table[v] for k, v in codecs.items()})
+    for t in order:
+        g = old[t]
+        stay = g is not None and _usable(p, t, g, tp) and room.fits(t, g)
+        best: Group | None = None
+        best_f = INF
+        for j in p.allowed[t]:
+            if (not stay or fresh is None or j in fresh) and room.fits(t, (j,)):
+                f = ls.finish(t, (j,))
+                if f < best_f:
+                    best, best_f = (j,), f
+        if stay and g is not None and g != best and ls.finish(t, g) <= best_f * (1.0 + STICK):
+            best = g
+        if best is None:
+            return None
+        room.add(t, best)
+        ls.place(t, best)
+    return list(ls.groups)
+
+
+def _start(p: Problem, old: Sequence[Group | None], order: Sequence[int],
+           codecs: IndexCodecs, tp: bool, fresh: set[int]
+           ) -> tuple[list[Group], IndexCodecs]:
+    """The plan to improve: of the repairs (kept tasks may move to fresh devices only, or
+    to any device) and HEFT from scratch, the one with the least makespan × (1 +
+    MOVE_PRICE × share of tasks moved)."""
+    cands: list[tuple[list[Group], IndexCodecs]] = []
+    for limit in (fresh, None):
+        groups = _repair(p, old, order, codecs, tp, limit)
+        if groups is not None:
+            cands.append((groups, _cut_only(p, groups, codecs)))
+    try:
+        cands.append((list_schedule(p, order, "replan")[0], {}))
+    except PlacementInfeasible:
+        if not cands:
+            raise
+
+    def cost(cand: tuple[list[Group], IndexCodecs]) -> float:
+        groups, names = cand
+        span = evaluate(p, groups, {k: p.codec_table[v] for k, v in names.items()},
+                        order).makespan
+        moved = sum(1 for t, g in enumerate(old) if g is None or set(g) != set(groups[t]))
+        return span * (1.0 + MOVE_PRICE * moved / max(p.n, 1))
+
+    return min(cands, key=cost)
+
+
+def _fresh(p: Problem, plan: Plan, old_cluster: Cluster | None) -> set[int]:
+    """Devices the old plan could not use: new ones, and ones whose speed changed."""
+    if old_cluster is not None:
+        return {j for j, d in enumerate(p.dev_ids)
+                if d not in old_cluster or old_cluster.device(d).flops != p.dev_flops[j]}
+    # a plan simulated on the old cluster lists every device of it in its memory table
+    known = (set(plan.schedule.memory_bytes) if plan.schedule is not None
+             else plan.used_devices())
+    return {j for j, d in enumerate(p.dev_ids) if d not in known}
+
+
+def _old_codecs(p: Problem, plan: Plan) -> IndexCodecs:
+    out: IndexCodecs = {}
+    for (src, dst), name in plan.codecs.items():
+        key = (p.t_index.get(src, -1), p.t_index.get(dst, -1))
+        if key[0] >= 0 and key[1] >= 0 and name in p.codec_table and name != "none":
+            out[key] = name
+    return out
+
+
+def _cut_only(p: Problem, groups: Sequence[Group], codecs: Mapping[tuple[int, int], str]
+              ) -> IndexCodecs:
+    """Codecs on edges whose data still crosses devices."""
+    return {(s, d): name for (s, d), name in codecs.items()
+            if not set(groups[d]) <= set(groups[s])}
+
+
+def _improve(p: Problem, policy: str, opts: Options, groups: list[Group],
+             codecs: IndexCodecs, order: list[int]
+             ) -> tuple[list[Group], IndexCodecs, list[int]]:
+    budget = opts.budget_for(p)
+    start = Solution(list(groups), dict(codecs), list(order))
+    better = solve(p, policy, Options(budget=budget, tp=opts.tp, codecs=opts.codecs,
+                                      seed=opts.seed, start=start))
+    new_groups = p.groups_of(better)
+    new_codecs = {(p.t_index[s], p.t_index[d]): c for (s, d), c in better.codecs.items()}
+    return new_groups, _cut_only(p, new_groups, new_codecs), p.order_of(better)
+
+
+def _settle(p: Problem, groups: list[Group], codecs: IndexCodecs, order: Sequence[int],
+            old: Sequence[Group | None], tp: bool) -> list[Group]:
+    """Undo moves of tasks that could stay, where staying costs little latency."""
+    specs = {k: p.codec_table[v] for k, v in codecs.items()}
+    anchor = evaluate(p, groups, specs, order).makespan
+    limit = anchor * (1.0 + MOVE_TOLERANCE)
+    out = list(groups)
+    for t in order:
+        g = old[t]
+        if g is None or set(g) == set(out[t]) or (len(g) > 1 and not tp):
+            continue
+        trial = list(out)
+        trial[t] = g
+        if violation(p, trial):
+            continue
+        if evaluate(p, trial, specs, order).makespan <= limit:
+            out = trial
+    return out
