@@ -98,8 +98,9 @@ def compile_cmd(model: str = typer.Argument(..., help="A zoo name or an .onnx fi
                 runtime: str = typer.Option(..., "--runtime", "-r",
                                             help="torch | onnx | onnx-int8 | tflite-int8"),
                 output: Path = typer.Option(..., "--output", "-o", help="Artifact to write."),
-                scheme: str = typer.Option("auto", "--int8-scheme",
-                                           help="auto | static | dynamic | weight-only (onnx-int8 only)"),
+                scheme: str = typer.Option(
+                    "auto", "--int8-scheme",
+                    help="auto | static | dynamic | weight-only (onnx-int8 only)"),
                 ) -> None:
     """Compile a model for one runtime and write the artifact."""
     from edgeswarm.models.runtimes import compile as compile_model
