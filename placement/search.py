@@ -34,8 +34,15 @@ from edgeswarm.placement.errors import InvalidInput
 from edgeswarm.placement.heft import heft_groups
 from edgeswarm.placement.moves import State, moves
 from edgeswarm.placement.policies import Options, Solution
-from edgeswarm.placement.problem import INF, Group, Problem
-from edgeswarm.placement.simulator import Codecs, ListScheduler, Timeline, evaluate, violation
+from edgeswarm.placement.problem import Group, Problem
+from edgeswarm.placement.simulator import (
+    Codecs,
+    ListScheduler,
+    Timeline,
+    arrival,
+    evaluate,
+    violation,
+)
 
 log = logging.getLogger("edgeswarm.placement.search")
 
@@ -168,28 +175,6 @@ def _incident(p: Problem, t: int) -> list[tuple[int, int]]:
 
 
 # -- reading a schedule ----------------------------------------------------------------
-
-def arrival(p: Problem, src: int, dst: int, nbytes: float, g_src: Group, g_dst: Group,
-            end_src: float, codecs: Codecs) -> float:
-    """When the output of ``src`` (ending at ``end_src``) is on every device of ``g_dst``:
-    the simulator's transfer rule for one edge."""
-    spec = codecs.get((src, dst))
-    lat, ibw, flops = p.lat, p.inv_bw, p.dev_flops
-    worst = end_src
-    for j in g_dst:
-        if j in g_src:
-            continue
-        best = INF
-        for q in g_src:
-            if spec is None:
-                x = lat[q][j] + nbytes * ibw[q][j]
-            else:
-                x = (nbytes * spec.encode_flops_per_byte / flops[q] + lat[q][j]
-                     + nbytes * spec.ratio * ibw[q][j]
-                     + nbytes * spec.decode_flops_per_byte / flops[j])
-            best = min(best, x)
-        worst = max(worst, end_src + best)
-    return worst
 
 
 def critical_tasks(p: Problem, groups: Sequence[Group], codecs: Codecs,

@@ -72,29 +72,11 @@ class ListScheduler:
     def ready(self, t: int, g: Group) -> float:
         """When every input of ``t`` is on every device of ``g``."""
         p, end, groups, codecs = self.p, self.end, self.groups, self.codecs
-        lat, ibw, flops = p.lat, p.inv_bw, p.dev_flops
         ready = 0.0
         for s, b in p.preds[t]:
-            gs = groups[s]
-            e = end[s]
-            cs = codecs.get((s, t)) if codecs else None
-            for j in g:
-                if j in gs:
-                    arrive = e
-                else:
-                    best = INF
-                    for q in gs:
-                        if cs is None:
-                            x = lat[q][j] + b * ibw[q][j]
-                        else:
-                            x = (b * cs.encode_flops_per_byte / flops[q] + lat[q][j]
-                                 + b * cs.ratio * ibw[q][j]
-                                 + b * cs.decode_flops_per_byte / flops[j])
-                        if x < best:
-                            best = x
-                    arrive = e + best
-                if arrive > ready:
-                    ready = arrive
+            at = arrival(p, s, t, b, groups[s], g, end[s], codecs)
+            if at > ready:
+                ready = at
         return ready
 
     def slot(self, t: int, g: Group) -> tuple[float, float]:
@@ -103,12 +85,12 @@ class ListScheduler:
         ready = self.ready(t, g)
         if len(g) == 1:
             dur = p.comp[t][g[0]]
-            st = _earliest(self.busy[g[0]], ready, dur)
+            st = earliest_start(self.busy[g[0]], ready, dur)
             return st, st + dur
         dur = p.group_compute(t, g) + p.allreduce_s(g, p.out[t])
         st = ready
         while True:  # the earliest start at which every member is idle
-            moved = max(_earliest(self.busy[j], st, dur) for j in g)
+            moved = max(earliest_start(self.busy[j], st, dur) for j in g)
             if moved == st:
                 return st, st + dur
             st = moved
@@ -126,7 +108,32 @@ class ListScheduler:
         return st, en
 
 
-def _earliest(intervals: list[tuple[float, float]], ready: float, dur: float) -> float:
+def arrival(p: Problem, src: int, dst: int, nbytes: float, g_src: Group, g_dst: Group,
+            end_src: float, codecs: Codecs | None) -> float:
+    """When the output of ``src`` (ending at ``end_src`` on ``g_src``) is on every device
+    of ``g_dst``: the transfer rule for one edge, with its codec if it has one."""
+    spec = codecs.get((src, dst)) if codecs else None
+    lat, ibw, flops = p.lat, p.inv_bw, p.dev_flops
+    worst = end_src
+    for j in g_dst:
+        if j in g_src:
+            continue
+        best = INF
+        for q in g_src:
+            if spec is None:
+                x = lat[q][j] + nbytes * ibw[q][j]
+            else:
+                x = (nbytes * spec.encode_flops_per_byte / flops[q] + lat[q][j]
+                     + nbytes * spec.ratio * ibw[q][j]
+                     + nbytes * spec.decode_flops_per_byte / flops[j])
+            if x < best:
+                best = x
+        if end_src + best > worst:
+            worst = end_src + best
+    return worst
+
+
+def earliest_start(intervals: list[tuple[float, float]], ready: float, dur: float) -> float:
     cand = ready
     for a, b in intervals:
         if b <= cand:

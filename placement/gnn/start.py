@@ -23,7 +23,7 @@ from edgeswarm.placement.gnn.features import allreduce_appended
 from edgeswarm.placement.gnn.tables import Tables
 from edgeswarm.placement.moves import MAX_GROUP
 from edgeswarm.placement.problem import Group
-from edgeswarm.placement.simulator import ListScheduler
+from edgeswarm.placement.simulator import ListScheduler, earliest_start
 
 Codecs = dict[tuple[int, int], str]
 
@@ -84,7 +84,7 @@ def aware_list_schedule(tb: Tables, order: Sequence[int], *, use_codecs: bool, t
         comp, at = p.comp[t], ready.tolist()   # plain floats: this loop is the hot one
         ahead = lookahead[t].tolist() if lookahead is not None else [0.0] * tb.m
         for j in ok.tolist():
-            end = _earliest(ls.busy[j], at[j], comp[j]) + comp[j] + ahead[j]
+            end = earliest_start(ls.busy[j], at[j], comp[j]) + comp[j] + ahead[j]
             if end < best:
                 best, group = end, (j,)
         if tp and tb.splittable[t]:
@@ -160,7 +160,7 @@ def _grow(tb: Tables, ls: ListScheduler, params: np.ndarray, peak: np.ndarray, t
                 continue
             st = float(max(ready[members]))
             while True:  # the earliest start at which every member is idle
-                moved = max(_earliest(ls.busy[x], st, dur[j]) for x in trial)
+                moved = max(earliest_start(ls.busy[x], st, dur[j]) for x in trial)
                 if moved == st:
                     break
                 st = moved
@@ -170,15 +170,3 @@ def _grow(tb: Tables, ls: ListScheduler, params: np.ndarray, peak: np.ndarray, t
             return g
         end, g = best
     return g
-
-
-def _earliest(intervals: list[tuple[float, float]], ready: float, dur: float) -> float:
-    """As the simulator: the earliest start >= ready of an idle gap of length dur."""
-    cand = ready
-    for a, b in intervals:
-        if b <= cand:
-            continue
-        if cand + dur <= a:
-            break
-        cand = b
-    return cand
