@@ -1,0 +1,56 @@
+"""The search's start plans: codec/TP-aware list schedules and PEFT's look-ahead."""
+
+import pytest
+
+from edgeswarm.placement.gnn.start import aware_list_schedule, optimistic
+from edgeswarm.placement.gnn.tables import Tables
+from edgeswarm.placement.heft import heft_groups
+from edgeswarm.placement.problem import Problem
+from edgeswarm.placement.simulator import evaluate, violation
+
+
+def _is_topological(p: Problem, order: list[int]) -> bool:
+    pos = {t: i for i, t in enumerate(order)}
+    return sorted(order) == list(range(p.n)) and all(
+        pos[s] < pos[d] for s in range(p.n) for d, _ in p.succs[s])
+
+
+def test_plain_aware_schedule_is_heft(heft_paper, make_instance):
+    for graph, cluster in (heft_paper, make_instance(2, tasks=20, devices=5)):
+        p = Problem(graph, cluster)
+        groups, codecs = aware_list_schedule(Tables.of(p), p.default_order, use_codecs=False,
+                                             tp=False)
+        assert groups == heft_groups(p) and codecs == {}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_aware_schedules_are_feasible_and_beat_heft_with_codecs(make_instance, seed):
+    graph, cluster = make_instance(seed, tasks=24, devices=6, splittable=0.3)
+    p = Problem(graph, cluster)
+    tb = Tables.of(p)
+    heft = evaluate(p, heft_groups(p)).makespan
+    order, ahead = optimistic(tb, True)
+    assert _is_topological(p, order)
+    spans = []
+    for od, la in ((p.default_order, None), (order, ahead)):
+        groups, codecs = aware_list_schedule(tb, od, use_codecs=True, tp=True, lookahead=la)
+        assert not violation(p, groups)
+        assert all(len(g) == 1 or p.splittable[t] for t, g in enumerate(groups))
+        specs = {k: p.codec_table[v] for k, v in codecs.items()}
+        spans.append(evaluate(p, groups, specs, od).makespan)
+    assert min(spans) < heft   # slow links between the two sites: codecs pay
+
+
+# Arabnejad and Barbosa (2014), Table 2: the optimistic cost table of their sample DAG.
+PAPER_OCT = [[64, 68, 86], [42, 39, 42], [27, 41, 43], [42, 39, 50], [28, 37, 28],
+             [42, 39, 44], [13, 16, 22], [13, 16, 33], [13, 16, 20], [0, 0, 0]]
+
+
+def test_peft_look_ahead_reproduces_the_paper(peft_paper):
+    p = Problem(*peft_paper)
+    tb = Tables.of(p)
+    order, table = optimistic(tb, False)
+    assert table.tolist() == PAPER_OCT
+    assert _is_topological(p, order) and order[0] == 0 and order[-1] == 9
+    groups, _ = aware_list_schedule(tb, order, use_codecs=False, tp=False, lookahead=table)
+    assert evaluate(p, groups, None, order).makespan == 122.0   # the paper's PEFT schedule
