@@ -129,3 +129,13 @@ def test_default_link_cluster():
                 default_link=LinkSpec(1e6, 0.0))
     s = simulate(chain(), c, plan(a="x", b="y", c="y"))
     assert s.makespan == pytest.approx(7.0)
+
+
+def test_a_later_task_fills_an_earlier_idle_gap():
+    """Insertion: q, scheduled after r, still runs in x's idle time before r."""
+    g = TaskGraph((Task(T("p"), 3e9, 0, 0), Task(T("r"), 1e9, 0, 0), Task(T("q"), 1e9, 0, 0)),
+                  (Edge(T("p"), T("r"), 0),))
+    p = Plan(plan(p="y", r="x", q="x").assignments, order=(T("p"), T("r"), T("q")))
+    s = simulate(g, cluster(), p)
+    assert s.slots[T("r")].start == pytest.approx(3.01)
+    assert s.slots[T("q")].start == pytest.approx(0.0)
