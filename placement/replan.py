@@ -45,6 +45,10 @@ MOVE_PRICE = 0.1
 #: the improved latency (the total cost of all undone moves stays within it).
 MOVE_TOLERANCE = 0.01
 
+#: Default improving budget of a re-plan, in simulator calls per task: half of a plan
+#: from scratch's, since it starts from the best of the repairs and the scratch starts.
+REPLAN_BUDGET = 1
+
 #: ``policy`` value that stops after the repair step (no improving policy).
 REPAIR_ONLY = "repair"
 
@@ -68,7 +72,7 @@ def replan(plan: Plan, graph: TaskGraph, new_cluster: Cluster, policy: str = "se
 
     ``policy`` is the improving policy of step 2 (``"search"`` or ``"gnn"``), or
     ``"repair"`` to stop after the repair. ``opts.budget`` bounds its simulator calls
-    (default 2|V|, as from scratch); choosing the start costs 3 more and the settle step
+    (default |V|, :data:`REPLAN_BUDGET`); choosing the start costs up to 6 more and the settle step
     at most one per task the improver moved. ``old_cluster`` tells which devices are new
     or changed speed; without it, devices absent from the old plan's memory table (or,
     for a plan never simulated, unused by it) count as new. Raises
@@ -82,7 +86,7 @@ def replan(plan: Plan, graph: TaskGraph, new_cluster: Cluster, policy: str = "se
     old = _old_groups(p, plan)
     order = list(p.default_order)
     codecs = _old_codecs(p, plan) if opts.codecs else {}
-    groups, codecs = _start(p, old, order, codecs, opts.tp, _fresh(p, plan, old_cluster))
+    groups, codecs, order = _start(p, old, order, codecs, opts, _fresh(p, plan, old_cluster))
     name = REPAIR_ONLY
     if policy != REPAIR_ONLY:
         groups, codecs, order = _improve(p, policy, opts, groups, codecs, order)
@@ -185,31 +189,54 @@ def _repair(p: Problem, old: Sequence[Group | None], order: Sequence[int],
     return list(ls.groups)
 
 
-def _start(p: Problem, old: Sequence[Group | None], order: Sequence[int],
-           codecs: IndexCodecs, tp: bool, fresh: set[int]
-           ) -> tuple[list[Group], IndexCodecs]:
+Start = tuple[list[Group], IndexCodecs, list[int]]
+
+
+def _start(p: Problem, old: Sequence[Group | None], order: list[int],
+           codecs: IndexCodecs, opts: Options, fresh: set[int]) -> Start:
     """The plan to improve: of the repairs (kept tasks may move to fresh devices only, or
-    to any device) and HEFT from scratch, the one with the least makespan × (1 +
+    to any device) and the start plans of a plan from scratch (HEFT, and HEFT's rule
+    with PEFT's order or look-ahead), the one with the least makespan × (1 +
     MOVE_PRICE × share of tasks moved)."""
-    cands: list[tuple[list[Group], IndexCodecs]] = []
+    cands: list[Start] = []
     for limit in (fresh, None):
-        groups = _repair(p, old, order, codecs, tp, limit)
+        groups = _repair(p, old, order, codecs, opts.tp, limit)
         if groups is not None:
-            cands.append((groups, _cut_only(p, groups, codecs)))
+            cands.append((groups, _cut_only(p, groups, codecs), order))
     try:
-        cands.append((list_schedule(p, order, "replan")[0], {}))
+        cands.append((list_schedule(p, order, "replan")[0], {}, order))
     except PlacementInfeasible:
         if not cands:
             raise
+    cands.extend(_scratch_starts(p, order, opts))
 
-    def cost(cand: tuple[list[Group], IndexCodecs]) -> float:
-        groups, names = cand
+    def cost(cand: Start) -> float:
+        groups, names, od = cand
         span = evaluate(p, groups, {k: p.codec_table[v] for k, v in names.items()},
-                        order).makespan
+                        od).makespan
         moved = sum(1 for t, g in enumerate(old) if g is None or set(g) != set(groups[t]))
         return span * (1.0 + MOVE_PRICE * moved / max(p.n, 1))
 
     return min(cands, key=cost)
+
+
+def _scratch_starts(p: Problem, order: list[int], opts: Options) -> list[Start]:
+    """HEFT's earliest-finish rule in PEFT's order and with PEFT's look-ahead (the starts
+    the GNN policy tries from scratch; numpy only)."""
+    from edgeswarm.placement.gnn.start import aware_list_schedule, optimistic
+    from edgeswarm.placement.gnn.tables import Tables
+
+    tb = Tables.of(p)
+    oct_order, oct_ = optimistic(tb, opts.codecs)
+    out: list[Start] = []
+    for od, ahead in ((oct_order, None), (order, oct_), (oct_order, oct_)):
+        try:
+            groups, names = aware_list_schedule(tb, od, use_codecs=opts.codecs, tp=opts.tp,
+                                                lookahead=ahead)
+        except PlacementInfeasible:
+            continue
+        out.append((groups, names, list(od)))
+    return out
 
 
 def _fresh(p: Problem, plan: Plan, old_cluster: Cluster | None) -> set[int]:
@@ -242,7 +269,7 @@ def _cut_only(p: Problem, groups: Sequence[Group], codecs: Mapping[tuple[int, in
 def _improve(p: Problem, policy: str, opts: Options, groups: list[Group],
              codecs: IndexCodecs, order: list[int]
              ) -> tuple[list[Group], IndexCodecs, list[int]]:
-    budget = opts.budget_for(p)
+    budget = opts.budget if opts.budget is not None else REPLAN_BUDGET * p.n
     start = Solution(list(groups), dict(codecs), list(order))
     better = solve(p, policy, Options(budget=budget, tp=opts.tp, codecs=opts.codecs,
                                       seed=opts.seed, start=start))
