@@ -8,6 +8,8 @@
 - ``tiny``: ≤ 8 tasks on 2–3 devices, small enough for :func:`bounds.optimum`.
 - ``tp``: headroom-like instances whose heaviest tasks are splittable.
 - ``dynamic``: 20–50 tasks on 20 devices followed by 20 leave/join events.
+- ``speed``: headroom draws of exactly 50 tasks on 16 devices, the size the decision-time
+  target is set for.
 
 Evaluation instance ``i`` of a suite is drawn from ``default_rng((EVAL_SEED_BASE + i,
 suite number, seed))``; training draws from ``default_rng(TRAIN_SEED_BASE + k)``, whose
@@ -17,7 +19,7 @@ seeds the evaluation ones never reach.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -35,7 +37,10 @@ from edgeswarm.placement.generators import (
 )
 from edgeswarm.placement.taskgraph import TaskGraph
 
-SUITES = ("giph_grid", "headroom", "tiny", "dynamic", "tp")
+SUITES = ("giph_grid", "headroom", "tiny", "dynamic", "tp", "speed")
+#: The suites whose settings the shipped checkpoint was trained on ("speed" only fixes
+#: the size of headroom-like draws, so it adds nothing to learn from).
+TRAINED_ON = SUITES[:5]
 DEFAULT_N = 100
 EVAL_SEED_BASE = 0
 TRAIN_SEED_BASE = 1_000_000
@@ -45,6 +50,8 @@ GIPH_TASKS = (10, 20, 30, 40, 50)
 GIPH_CCR = (0.1, 0.5, 1.0, 5.0, 10.0)
 GIPH_ALPHA = (0.5, 1.0, 2.0)
 GIPH_BETA = (0.1, 0.25, 0.5, 0.75, 1.0)
+#: (tasks, devices) of the "speed" suite
+SPEED_SIZE = (50, 16)
 
 Draw = tuple[DagParams, ClusterParams]
 
@@ -106,6 +113,11 @@ def _tp(rng: np.random.Generator, i: int) -> Draw:
                              hw_types=2)
 
 
+def _speed(rng: np.random.Generator, i: int) -> Draw:
+    dp, cp = _headroom(rng, i)
+    return replace(dp, tasks=SPEED_SIZE[0]), replace(cp, devices=SPEED_SIZE[1])
+
+
 def _dynamic(rng: np.random.Generator, i: int) -> Draw:
     # beta = 0: compute is flops / speed, so a device that rejoins faster is faster
     dp = DagParams(tasks=int(rng.integers(20, 51)), ccr=_pick(rng, (0.5, 1.0, 5.0)),
@@ -117,7 +129,8 @@ def _dynamic(rng: np.random.Generator, i: int) -> Draw:
 
 
 DRAWS: dict[str, Callable[[np.random.Generator, int], Draw]] = {
-    "giph_grid": _giph, "headroom": _headroom, "tiny": _tiny, "dynamic": _dynamic, "tp": _tp}
+    "giph_grid": _giph, "headroom": _headroom, "tiny": _tiny, "dynamic": _dynamic, "tp": _tp,
+    "speed": _speed}
 
 
 def _check(suite: str, n: int | None) -> int:
@@ -237,7 +250,7 @@ def sample_training(rng: np.random.Generator) -> Instance:
     """One training instance from the union of the suites' distributions: half the time
     a suite's own settings (for "dynamic", the cluster after 0–5 leave/join events),
     half the time settings in between. Pass :func:`training_rng` (k) for draw k."""
-    which = SUITES[int(rng.integers(len(SUITES)))] if rng.uniform() < 0.5 else "between"
+    which = TRAINED_ON[int(rng.integers(len(TRAINED_ON)))] if rng.uniform() < 0.5 else "between"
     draw = _between if which == "between" else DRAWS[which]
     dp, cp = draw(rng, int(rng.integers(0, 1 << 30)))
     pool = random_pool(rng, cp)

@@ -33,7 +33,7 @@ from edgeswarm.placement.policies import Options
 from edgeswarm.placement.problem import Problem
 from edgeswarm.placement.replan import replan, tasks_moved
 
-STATIC_SUITES = ("giph_grid", "headroom", "tiny", "tp")
+STATIC_SUITES = ("giph_grid", "headroom", "tiny", "tp", "speed")
 SUITES = (*STATIC_SUITES, "dynamic")
 #: Policies run on the static suites; ``search20`` is search with a 20|V| budget.
 POLICIES = ("gnn", "heft", "peft", "search", "search20", "random", "greedy")

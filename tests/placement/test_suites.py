@@ -21,7 +21,7 @@ def devices(inst) -> int:
 
 
 def test_suite_names():
-    assert suites.SUITES == ("giph_grid", "headroom", "tiny", "dynamic", "tp")
+    assert suites.SUITES == ("giph_grid", "headroom", "tiny", "dynamic", "tp", "speed")
 
 
 @pytest.mark.parametrize("suite", suites.SUITES)
@@ -55,6 +55,16 @@ def test_headroom_settings():
     xs = suites.build("headroom", N)
     assert all(50 <= tasks(x) <= 100 and 8 <= devices(x) <= 16 for x in xs)
     assert all(float(x.params["ccr"]) >= 5 and float(x.params["beta"]) >= 0.5 for x in xs)
+
+
+def test_speed_settings():
+    xs = suites.build("speed", N)
+    assert all(tasks(x) == 50 and devices(x) == 16 for x in xs)
+
+
+def test_training_draws_only_trained_suites():
+    seen = {suites.sample_training(suites.training_rng(k)).params["suite"] for k in range(60)}
+    assert "speed" not in seen and seen <= {*suites.TRAINED_ON, "between"}
 
 
 def test_tiny_settings():

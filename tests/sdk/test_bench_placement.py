@@ -21,7 +21,7 @@ def test_bench_placement_json_has_every_suite_policy_and_key():
     result = CliRunner().invoke(app, ["bench", "placement", "--json", "--instances", "3"])
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
-    assert set(doc["suites"]) == {"giph_grid", "headroom", "tiny", "tp", "dynamic"}
+    assert set(doc["suites"]) == {"giph_grid", "headroom", "tiny", "tp", "speed", "dynamic"}
     for name, suite in doc["suites"].items():
         assert suite["instances"] == 3
         policies = suite["policies"]
