@@ -221,22 +221,11 @@ def _start(p: Problem, old: Sequence[Group | None], order: list[int],
 
 
 def _scratch_starts(p: Problem, order: list[int], opts: Options) -> list[Start]:
-    """HEFT's earliest-finish rule in PEFT's order and with PEFT's look-ahead (the starts
-    the GNN policy tries from scratch; numpy only)."""
-    from edgeswarm.placement.gnn.start import aware_list_schedule, optimistic
+    """The start plans of the GNN policy from scratch (numpy only)."""
+    from edgeswarm.placement.gnn.start import scratch_starts
     from edgeswarm.placement.gnn.tables import Tables
 
-    tb = Tables.of(p)
-    oct_order, oct_ = optimistic(tb, opts.codecs)
-    out: list[Start] = []
-    for od, ahead in ((oct_order, None), (order, oct_), (oct_order, oct_)):
-        try:
-            groups, names = aware_list_schedule(tb, od, use_codecs=opts.codecs, tp=opts.tp,
-                                                lookahead=ahead)
-        except PlacementInfeasible:
-            continue
-        out.append((groups, names, list(od)))
-    return out
+    return list(scratch_starts(Tables.of(p), order, opts))
 
 
 def _fresh(p: Problem, plan: Plan, old_cluster: Cluster | None) -> set[int]:

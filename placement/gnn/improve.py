@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from edgeswarm.placement.errors import InvalidInput, PlacementInfeasible
+from edgeswarm.placement.errors import InvalidInput
 from edgeswarm.placement.gnn.features import GROW, RELOCATE, SHRINK, Observation, observe
 from edgeswarm.placement.gnn.network import GiphNet, GraphTensors
-from edgeswarm.placement.gnn.start import aware_list_schedule, optimistic
+from edgeswarm.placement.gnn.start import scratch_starts
 from edgeswarm.placement.gnn.tables import Tables
 from edgeswarm.placement.heft import heft_groups
 from edgeswarm.placement.policies import Options, Solution
@@ -204,11 +204,8 @@ def improve(p: Problem, opts: Options, net: GiphNet, cfg: SearchConfig = SearchC
 def _more_starts(g: _Graph, opts: Options, groups: list[Group], codecs: Codecs,
                  order: list[int]) -> Iterator[tuple[list[Group], Codecs, list[int]]]:
     """Other start plans worth one simulator call each: the start with the cheapest codec
-    on every cut edge; and, when starting from HEFT, list schedules aware of codecs and
-    tensor parallelism (when allowed) in HEFT's or PEFT's priority order, each task
-    going where it finishes first (HEFT's rule) or where finish plus PEFT's look-ahead
-    is least (the four combinations; HEFT's own is skipped when it would be HEFT's plan
-    again)."""
+    on every cut edge; and, when starting from HEFT, the other start plans of a plan
+    from scratch (:func:`~edgeswarm.placement.gnn.start.scratch_starts`)."""
     if opts.codecs:
         swept = dict(codecs)
         for t in range(g.tb.n):
@@ -217,17 +214,7 @@ def _more_starts(g: _Graph, opts: Options, groups: list[Group], codecs: Codecs,
             yield groups, swept, order
     if opts.start is not None:
         return
-    aware = opts.codecs or (opts.tp and bool(g.tb.splittable.any()))
-    oct_order, oct_ = optimistic(g.tb, opts.codecs)
-    for od, ahead in ((order, None), (oct_order, oct_), (order, oct_), (oct_order, None)):
-        if ahead is None and od == order and not aware:
-            continue  # that is HEFT's plan again
-        try:
-            plan = aware_list_schedule(g.tb, od, use_codecs=opts.codecs, tp=opts.tp,
-                                       lookahead=ahead)
-        except PlacementInfeasible:
-            continue  # its greedy choices left a task without memory
-        yield (*plan, list(od))
+    yield from scratch_starts(g.tb, order, opts)
 
 
 def _task_of(g: _Graph, obs: Observation) -> np.ndarray:

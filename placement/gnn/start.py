@@ -13,7 +13,7 @@ insertion rule): building it costs no simulator call.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -22,10 +22,12 @@ from edgeswarm.placement.errors import PlacementInfeasible
 from edgeswarm.placement.gnn.features import allreduce_appended
 from edgeswarm.placement.gnn.tables import Tables
 from edgeswarm.placement.moves import MAX_GROUP
+from edgeswarm.placement.policies import Options
 from edgeswarm.placement.problem import Group
 from edgeswarm.placement.simulator import ListScheduler, earliest_start
 
 Codecs = dict[tuple[int, int], str]
+Start = tuple[list[Group], Codecs, list[int]]
 
 
 def optimistic(tb: Tables, use_codecs: bool) -> tuple[list[int], np.ndarray]:
@@ -60,10 +62,15 @@ def optimistic(tb: Tables, use_codecs: bool) -> tuple[list[int], np.ndarray]:
 
 
 def aware_list_schedule(tb: Tables, order: Sequence[int], *, use_codecs: bool, tp: bool,
-                        lookahead: np.ndarray | None = None) -> tuple[list[Group], Codecs]:
+                        lookahead: np.ndarray | None = None,
+                        anchor: tuple[int, float] | None = None) -> tuple[list[Group], Codecs]:
     """Earliest-finish-time list scheduling of ``order`` with the cheapest codec per
     incoming edge and, for splittable tasks, greedily grown tensor-parallel groups.
-    With ``lookahead`` (n × m), a task goes where finish time + lookahead is least."""
+    With ``lookahead`` (n × m), a task goes where finish time + lookahead is least.
+    With ``anchor`` (device j, slack), a task goes to j whenever j may run it, has room
+    and finishes it within ``(1 + slack)`` × the best finish: where transfers cost more
+    than compute, keeping the work together on one fast device (as CPOP does with the
+    critical path) beats spreading it task by task."""
     p = tb.p
     spec: dict[tuple[int, int], CodecSpec] = {}
     ls = ListScheduler(p, spec)
@@ -86,6 +93,11 @@ def aware_list_schedule(tb: Tables, order: Sequence[int], *, use_codecs: bool, t
         for j in ok.tolist():
             end = earliest_start(ls.busy[j], at[j], comp[j]) + comp[j] + ahead[j]
             if end < best:
+                best, group = end, (j,)
+        if anchor is not None and anchor[0] in ok and group[0] != anchor[0]:
+            j = anchor[0]
+            end = earliest_start(ls.busy[j], at[j], comp[j]) + comp[j] + ahead[j]
+            if end <= best * (1.0 + anchor[1]):
                 best, group = end, (j,)
         if tp and tb.splittable[t]:
             group = _grow(tb, ls, params, peak, t, group, best - ahead[group[0]], ready)
@@ -111,6 +123,45 @@ def aware_list_schedule(tb: Tables, order: Sequence[int], *, use_codecs: bool, t
             params[list(group)] += _shares(tb, t, group)
             peak[list(group)] = np.maximum(peak[list(group)], tb.act[t])
     return list(ls.groups), codecs
+
+
+#: Anchored starts: the devices with the least total compute time over the tasks they
+#: may run, and the slacks tried on each.
+ANCHOR_DEVICES = 2
+ANCHOR_SLACKS = (0.25, 1.0, 4.0)
+
+
+def anchors(tb: Tables) -> list[tuple[int, float]]:
+    """The (device, slack) pairs of the anchored start plans."""
+    total = np.where(tb.allowed, tb.comp, 0.0).sum(axis=0)
+    # a device that may not run some task is ranked after those that may run them all
+    missing = (~tb.allowed).sum(axis=0)
+    best = np.lexsort((total, missing))[:ANCHOR_DEVICES]
+    return [(int(j), slack) for j in best.tolist() for slack in ANCHOR_SLACKS]
+
+
+def scratch_starts(tb: Tables, order: list[int], opts: Options) -> Iterator[Start]:
+    """List schedules aware of codecs and tensor parallelism (when allowed) in HEFT's or
+    PEFT's priority order, each task going where it finishes first (HEFT's rule) or
+    where finish plus PEFT's look-ahead is least (the four combinations; HEFT's own is
+    skipped when it would be HEFT's plan again); then HEFT's rule anchored on each of
+    the fastest devices (:func:`~edgeswarm.placement.gnn.start.anchors`). Numpy only:
+    re-planning uses them too."""
+    aware = opts.codecs or (opts.tp and bool(tb.splittable.any()))
+    oct_order, oct_ = optimistic(tb, opts.codecs)
+    tries: list[tuple[list[int], np.ndarray | None, tuple[int, float] | None]] = [
+        (order, None, None), (oct_order, oct_, None), (order, oct_, None),
+        (oct_order, None, None)]
+    tries += [(order, None, a) for a in anchors(tb)]
+    for od, ahead, anchor in tries:
+        if ahead is None and anchor is None and od == order and not aware:
+            continue  # that is HEFT's plan again
+        try:
+            plan = aware_list_schedule(tb, od, use_codecs=opts.codecs, tp=opts.tp,
+                                       lookahead=ahead, anchor=anchor)
+        except PlacementInfeasible:
+            continue  # its greedy choices left a task without memory
+        yield (*plan, list(od))
 
 
 def _arrivals(tb: Tables, ls: ListScheduler, t: int,
