@@ -12,7 +12,7 @@ an edge carries the bytes of every activation that crosses from one task to anot
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,8 +68,24 @@ class _Group:
     nodes: list[fx.Node] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Traced:
+    """A traced module and its task graph: which fx nodes make up each task (the
+    partitioner cuts the module along these groups)."""
+
+    module: fx.GraphModule
+    graph: TaskGraph
+    #: the fx nodes of each task, in graph order (get_attr nodes belong to no task)
+    nodes: Mapping[TaskId, tuple[fx.Node, ...]]
+
+
 def extract(module: nn.Module, example_inputs: Sequence[Any], name: str = "") -> TaskGraph:
     """The TaskGraph of ``module`` for ``example_inputs`` (costs are for that batch)."""
+    return trace(module, example_inputs, name).graph
+
+
+def trace(module: nn.Module, example_inputs: Sequence[Any], name: str = "") -> Traced:
+    """Trace ``module`` with ``example_inputs``: its task graph and the nodes of each task."""
     module = module.eval()
     try:
         graph = _Tracer().trace(module)
@@ -86,7 +102,8 @@ def extract(module: nn.Module, example_inputs: Sequence[Any], name: str = "") ->
     runner = _Recorder(gm)
     with torch.inference_mode():
         runner.run(*example_inputs)
-    return _build(gm, runner, name or type(module).__name__)
+    graph_, groups = _build(gm, runner, name or type(module).__name__)
+    return Traced(gm, graph_, {TaskId(g.id): tuple(g.nodes) for g in groups})
 
 
 class _Recorder(fx.Interpreter):
@@ -120,7 +137,7 @@ def _tensors(value: Any) -> Iterable[torch.Tensor]:
             yield from _tensors(v)
 
 
-def _build(gm: fx.GraphModule, rec: _Recorder, name: str) -> TaskGraph:
+def _build(gm: fx.GraphModule, rec: _Recorder, name: str) -> tuple[TaskGraph, list[_Group]]:
     group_of: dict[fx.Node, _Group] = {}
     groups: list[_Group] = []
     modules = dict(gm.named_modules())
@@ -176,7 +193,7 @@ def _build(gm: fx.GraphModule, rec: _Recorder, name: str) -> TaskGraph:
         group.nodes.append(node)
         group_of[node] = group
 
-    return _to_taskgraph(gm, groups, group_of, rec, name)
+    return _to_taskgraph(gm, groups, group_of, rec, name), groups
 
 
 def _to_taskgraph(gm: fx.GraphModule, groups: list[_Group], group_of: dict[fx.Node, _Group],
