@@ -1,0 +1,179 @@
+"""The device profile: what this device can do, measured when the agent starts.
+
+``measure`` times square matrix multiplies for a fraction of a second each and reads the
+rest from the system:
+
+- ``flops``: fp32 ``torch.mm`` throughput with all of torch's threads (the 1-thread figure
+  is measured too and logged, to show how well the device scales across cores);
+- ``int8_ops``: int8 x int8 -> int32 matmul throughput with ``torch._int_mm`` (works on CPU
+  since torch 2.2); where that fails, ONNX Runtime's ``MatMulInteger`` (needs ``onnx`` to
+  build the one-node model); 0.0 when neither is available;
+- ``memory_bytes``: memory available now (``psutil.virtual_memory().available``);
+- ``runtimes``: the shard runtimes whose packages are importable (``torch``; ``onnx`` and
+  ``onnx-int8`` through onnxruntime; ``tflite-int8`` through ai_edge_litert;
+  ``safetensors`` weights for registered builders);
+- ``cores``: CPUs this process may run on; ``platform``: OS, release and machine.
+
+``speed`` (the testbed's ``--speed``) multiplies both throughputs, so an emulated slow device
+reports what it will deliver. The measurement changes torch's thread count while it runs and
+restores it: call it before other threads use torch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import platform
+import time
+from collections.abc import Callable
+
+import numpy as np
+import psutil
+
+from edgeswarm.device_agent.protocol import DeviceProfile
+from edgeswarm.device_agent.topics import check_name
+from edgeswarm.placement.errors import InvalidInput
+
+log = logging.getLogger("edgeswarm.agent.profile")
+
+MATMUL_N = 256          # square matrices: 2 * n**3 operations per multiply
+MAX_REPEATS = 100_000   # every timing loop is bounded by count as well as time
+
+Clock = Callable[[], float]
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def installed_runtimes() -> list[str]:
+    """The shard runtimes this device can run, by which packages are importable."""
+    runtimes: list[str] = []
+    if _has("torch"):
+        runtimes.append("torch")
+    if _has("onnxruntime"):
+        runtimes += ["onnx", "onnx-int8"]
+    if _has("ai_edge_litert"):
+        runtimes.append("tflite-int8")
+    if _has("safetensors"):
+        runtimes.append("safetensors")
+    return runtimes
+
+
+def _ops_per_second(step: Callable[[], object], ops: float, seconds: float,
+                    clock: Clock) -> float:
+    """Run ``step`` (one warm-up, then until ``seconds`` pass) and return ``ops`` per second."""
+    step()
+    start = clock()
+    runs = 0
+    elapsed = 0.0
+    while runs < MAX_REPEATS:
+        step()
+        runs += 1
+        elapsed = clock() - start
+        if elapsed >= seconds:
+            break
+    return ops * runs / max(elapsed, 1e-9)
+
+
+def fp32_flops(seconds: float, threads: int | None = None,
+               clock: Clock = time.perf_counter) -> float:
+    """fp32 matmul FLOP/s with ``threads`` torch threads (None: torch's current setting)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        a = torch.randn(MATMUL_N, MATMUL_N, generator=gen)
+        b = torch.randn(MATMUL_N, MATMUL_N, generator=gen)
+        with torch.inference_mode():
+            return _ops_per_second(lambda: torch.mm(a, b), 2.0 * MATMUL_N**3, seconds, clock)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _int8_operands() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    a = rng.integers(-128, 128, (MATMUL_N, MATMUL_N), dtype=np.int8)
+    b = rng.integers(-128, 128, (MATMUL_N, MATMUL_N), dtype=np.int8)
+    return a, b
+
+
+def _int8_torch(seconds: float, clock: Clock) -> float:
+    import torch
+
+    a, b = (torch.from_numpy(x) for x in _int8_operands())
+    with torch.inference_mode():
+        return _ops_per_second(lambda: torch._int_mm(a, b), 2.0 * MATMUL_N**3, seconds, clock)
+
+
+def _int8_onnxruntime(seconds: float, clock: Clock) -> float:
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    n = MATMUL_N
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "int8_matmul",
+        [helper.make_tensor_value_info("a", TensorProto.INT8, [n, n]),
+         helper.make_tensor_value_info("b", TensorProto.INT8, [n, n])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [n, n])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    session = ort.InferenceSession(model.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    a, b = _int8_operands()
+    return _ops_per_second(lambda: session.run(None, {"a": a, "b": b}), 2.0 * n**3,
+                           seconds, clock)
+
+
+def int8_ops(seconds: float, clock: Clock = time.perf_counter) -> tuple[float, str]:
+    """int8 matmul ops/s and the engine that measured it ("torch", "onnxruntime" or "none")."""
+    if _has("torch"):
+        try:
+            return _int8_torch(seconds, clock), "torch"
+        except (RuntimeError, AttributeError, NotImplementedError) as exc:
+            log.debug("torch._int_mm does not run here (%s); trying onnxruntime", exc)
+    if _has("onnxruntime") and _has("onnx"):
+        try:
+            return _int8_onnxruntime(seconds, clock), "onnxruntime"
+        except Exception as exc:  # any ORT failure only means "not measured"
+            log.debug("onnxruntime MatMulInteger failed: %s", exc)
+    log.warning("int8 throughput not measured: neither torch._int_mm nor onnxruntime works")
+    return 0.0, "none"
+
+
+def cores() -> int:
+    """CPUs this process may run on (its affinity mask, so containers report their share)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def measure(device_id: str, speed: float = 1.0, seconds: float = 0.3,
+            clock: Clock = time.perf_counter) -> DeviceProfile:
+    """Measure this device; ``seconds`` is the time budget of the three matmul timings together."""
+    check_name(device_id, "device name")
+    if not speed > 0:
+        raise InvalidInput(f"speed {speed} must be > 0 (1.0 = this device's real speed)")
+    if not seconds > 0:
+        raise InvalidInput(f"seconds {seconds} must be > 0")
+    if not _has("torch"):
+        raise InvalidInput("the device profile needs torch: pip install 'edgeswarm[agent]'")
+    share = seconds / 3
+    flops_all = fp32_flops(share, clock=clock)
+    flops_one = fp32_flops(share, threads=1, clock=clock)
+    int8, engine = int8_ops(share, clock)
+    log.info("profile of %s: fp32 %.2f GFLOP/s (%.2f on 1 thread), int8 %.2f GOP/s (%s), "
+             "speed x%g", device_id, flops_all / 1e9, flops_one / 1e9, int8 / 1e9, engine, speed)
+    return DeviceProfile(
+        id=device_id,
+        flops=float(flops_all * speed),
+        int8_ops=float(int8 * speed),
+        memory_bytes=int(psutil.virtual_memory().available),
+        runtimes=installed_runtimes(),
+        cores=cores(),
+        speed=float(speed),
+        platform=platform.platform(),
+    )

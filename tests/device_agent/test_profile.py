@@ -1,0 +1,77 @@
+"""The measured device profile: real matmul timings on this machine."""
+
+import itertools
+import platform
+import time
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from edgeswarm.device_agent import profile
+from edgeswarm.device_agent.protocol import DeviceProfile
+from edgeswarm.placement.cluster import Device, DeviceId
+from edgeswarm.placement.errors import InvalidInput
+
+
+def ticking(step_s: float = 0.01) -> Callable[[], float]:
+    """A clock that advances ``step_s`` per reading: timings become exact repeat counts."""
+    counter = itertools.count()
+    return lambda: next(counter) * step_s
+
+
+def test_profile_numbers_are_plausible() -> None:
+    threads = torch.get_num_threads()
+    p = profile.measure("pi-1", seconds=0.15)
+    assert torch.get_num_threads() == threads  # the 1-thread timing restores the setting
+    assert p.id == "pi-1"
+    assert 1e8 < p.flops < 1e15  # between a microcontroller and a data-centre GPU
+    assert 1e8 < p.int8_ops < 1e16
+    assert 0 < p.memory_bytes < 1 << 50
+    assert p.cores >= 1
+    assert p.speed == 1.0
+    assert {"torch", "onnx", "onnx-int8", "safetensors"} <= set(p.runtimes)
+    assert platform.machine() in p.platform
+    assert DeviceProfile.model_validate_json(p.model_dump_json()) == p
+
+
+def test_speed_scales_both_throughputs() -> None:
+    # with a ticking clock each timing is a fixed number of repeats, so the ratio is exact
+    real = profile.measure("d", seconds=0.06, clock=ticking())
+    slow = profile.measure("d", speed=0.25, seconds=0.06, clock=ticking())
+    assert slow.flops == pytest.approx(real.flops * 0.25)
+    assert slow.int8_ops == pytest.approx(real.int8_ops * 0.25)
+    assert slow.speed == 0.25
+    assert slow.memory_bytes > 0
+
+
+def test_timing_loop_counts_runs_against_the_clock() -> None:
+    calls: list[int] = []
+    rate = profile._ops_per_second(lambda: calls.append(1), 100.0, 0.05, ticking(0.01))
+    # one warm-up, then 5 runs of 0.01 s each: 500 ops in 0.05 s
+    assert len(calls) == 6
+    assert rate == pytest.approx(100.0 * 5 / 0.05)
+
+
+def test_to_device_gives_the_placement_vocabulary() -> None:
+    p = profile.measure("jetson", speed=2.0, seconds=0.06)
+    d = p.to_device()
+    assert isinstance(d, Device)
+    assert d == Device(DeviceId("jetson"), p.flops, p.memory_bytes, tuple(p.runtimes))
+
+
+def test_int8_engines_agree_on_the_order_of_magnitude() -> None:
+    via_torch, engine = profile.int8_ops(0.05)
+    assert engine == "torch"
+    via_ort = profile._int8_onnxruntime(0.05, time.perf_counter)
+    assert via_torch > 1e8 and via_ort > 1e8
+    assert 0.01 < via_torch / via_ort < 100
+
+
+def test_bad_arguments_are_refused() -> None:
+    with pytest.raises(InvalidInput, match="speed"):
+        profile.measure("d", speed=0)
+    with pytest.raises(InvalidInput, match="device name"):
+        profile.measure("bad/name")
+    with pytest.raises(InvalidInput, match="seconds"):
+        profile.measure("d", seconds=-1)
