@@ -1,6 +1,7 @@
 """Discovery with real zeroconf on loopback: advertisers and one-shot browses in one process."""
 
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
@@ -26,7 +27,13 @@ class Startable(Protocol):
     def stop(self) -> None: ...
 
 
-def agent(device: str, cluster: str = "lab", port: int = 29500) -> AgentRecord:
+#: cluster names unique to this run: other agents on this host (a bench, another test
+#: session) advertise on the same loopback and must not match
+RUN = uuid.uuid4().hex[:6]
+LAB, A, B = f"lab-{RUN}", f"a-{RUN}", f"b-{RUN}"
+
+
+def agent(device: str, cluster: str = LAB, port: int = 29500) -> AgentRecord:
     return AgentRecord(device=device, cluster=cluster, version="0.1.0", host="127.0.0.1",
                        data_port=port, broker="mqtt://127.0.0.1:1883",
                        metrics_port=9100 if device.endswith("0") else None)
@@ -51,41 +58,41 @@ def test_four_agents_and_the_broker_are_found(advertise: Callable[[Sequence[Star
                                               capsys: pytest.CaptureFixture[str]) -> None:
     records = [agent(f"pi-{i}", port=29500 + i) for i in range(4)]
     advertise([*(Advertiser(r, interfaces=LO) for r in records),
-               BrokerAdvertiser("mqtt://127.0.0.1:18830", "lab", interfaces=LO)])
+               BrokerAdvertiser("mqtt://127.0.0.1:18830", LAB, interfaces=LO)])
     start = time.monotonic()
-    found, brokers = browse("lab", timeout_s=10, interfaces=LO, expect=4)
+    found, brokers = browse(LAB, timeout_s=10, interfaces=LO, expect=4)
     elapsed = time.monotonic() - start
     with capsys.disabled():
         print(f"\nbrowse found 4 agents in {elapsed * 1e3:.0f} ms")
     assert found == records  # sorted by device; every TXT field round-trips
-    assert elapsed < 2.0
-    assert brokers[0] == "mqtt://127.0.0.1:18830"  # advertised brokers first, then agents'
-    assert set(brokers) == {"mqtt://127.0.0.1:18830", "mqtt://127.0.0.1:1883"}
+    assert elapsed < 5.0   # returned on finding 4, well before the 10 s timeout
+    # it returned on the 4th agent: the broker's own record may not have arrived yet
+    assert set(brokers) <= {"mqtt://127.0.0.1:18830", "mqtt://127.0.0.1:1883"}
     # an agent looking only for its broker stops as soon as it has one
     start = time.monotonic()
-    _, brokers = browse("lab", timeout_s=10, interfaces=LO, expect_brokers=2)
-    assert time.monotonic() - start < 2.0
-    assert set(brokers) == {"mqtt://127.0.0.1:18830", "mqtt://127.0.0.1:1883"}
+    _, brokers = browse(LAB, timeout_s=10, interfaces=LO, expect_brokers=2)
+    assert time.monotonic() - start < 5.0
+    assert brokers == ["mqtt://127.0.0.1:18830", "mqtt://127.0.0.1:1883"]  # advertised first
 
 
 @pytest.mark.slow
 def test_browse_filters_by_cluster_and_forgets_stopped_agents(
         advertise: Callable[[Sequence[Startable]], None]) -> None:
-    leaving = Advertiser(agent("leaving", "a"), interfaces=LO)
-    advertise([leaving, Advertiser(agent("staying", "a"), interfaces=LO),
-               Advertiser(agent("other", "b"), interfaces=LO),
-               BrokerAdvertiser("mqtt://127.0.0.1:1884", "b", interfaces=LO)])
+    leaving = Advertiser(agent("leaving", A), interfaces=LO)
+    advertise([leaving, Advertiser(agent("staying", A), interfaces=LO),
+               Advertiser(agent("other", B), interfaces=LO),
+               BrokerAdvertiser("mqtt://127.0.0.1:1884", B, interfaces=LO)])
 
-    found, _ = browse("a", timeout_s=1.0, interfaces=LO)
+    found, _ = browse(A, timeout_s=1.0, interfaces=LO)
     assert [r.device for r in found] == ["leaving", "staying"]
     found, brokers = browse(None, timeout_s=1.0, interfaces=LO)
-    assert [(r.cluster, r.device) for r in found] == [("a", "leaving"), ("a", "staying"),
-                                                      ("b", "other")]
+    assert [(r.cluster, r.device) for r in found if r.cluster in (A, B)] == [
+        (A, "leaving"), (A, "staying"), (B, "other")]
     assert "mqtt://127.0.0.1:1884" in brokers
-    assert "mqtt://127.0.0.1:1884" not in browse("a", timeout_s=0.5, interfaces=LO)[1]
+    assert "mqtt://127.0.0.1:1884" not in browse(A, timeout_s=0.5, interfaces=LO)[1]
 
     leaving.stop()
-    found, _ = browse("a", timeout_s=1.0, interfaces=LO)
+    found, _ = browse(A, timeout_s=1.0, interfaces=LO)
     assert [r.device for r in found] == ["staying"]
 
 
