@@ -250,7 +250,9 @@ def export(part: Partition, example_inputs: Sequence[Any], out_dir: Path,
                               calibration=list(calib[stage.index]) if calib else None,
                               output=out_dir / f"stage{stage.index}-{stage.device}",
                               input_names=stage.inputs, output_names=stage.outputs)
-        path = Path(exe.path)
+        if exe.path is None:  # every runtime exported here writes a file
+            raise InvalidInput(f"runtime {rt!r} wrote no artifact for stage {stage.index}")
+        path = exe.path
         files.append(StageFile(stage.index, stage.device, rt, path, sha256_of(path),
                                path.stat().st_size, stage.inputs, stage.outputs))
     return files

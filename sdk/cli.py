@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 import edgeswarm
+from edgeswarm.cli_agent import agent_cmd, bench_agent_cmd, devices_cmd, keygen_cmd
 from edgeswarm.cli_placement import bench_placement_cmd, place_cmd, simulate_cmd
 from edgeswarm.cli_train import train_command
 
@@ -161,6 +162,11 @@ app.command("place")(place_cmd)
 app.command("simulate")(simulate_cmd)
 bench_app.command("placement")(bench_placement_cmd)
 placement_app.command("train")(train_command)
+# Device-agent commands live in cli_agent.py.
+app.command("agent")(agent_cmd)
+app.command("devices")(devices_cmd)
+app.command("keygen")(keygen_cmd)
+bench_app.command("agent")(bench_agent_cmd)
 
 
 def _num(x: Any, digits: int) -> str:
