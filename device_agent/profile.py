@@ -3,11 +3,11 @@
 ``measure`` times square matrix multiplies for a fraction of a second each and reads the
 rest from the system:
 
-- ``flops``: fp32 ``torch.mm`` throughput with all of torch's threads (the 1-thread figure
-  is measured too and logged, to show how well the device scales across cores);
-- ``int8_ops``: int8 x int8 -> int32 matmul throughput with ``torch._int_mm`` (works on CPU
-  since torch 2.2); where that fails, ONNX Runtime's ``MatMulInteger`` (needs ``onnx`` to
-  build the one-node model); 0.0 when neither is available;
+- ``flops``: fp32 matmul throughput through numpy's BLAS (torch is not imported: it takes
+  seconds to load on a small board, and the agent announces itself after this);
+- ``int8_ops``: int8 x int8 -> int32 matmul throughput with ONNX Runtime's
+  ``MatMulInteger`` (what int8 shards run on; needs ``onnx`` to build the one-node
+  model); where that fails, ``torch._int_mm``; 0.0 when neither is available;
 - ``memory_bytes``: memory available now (``psutil.virtual_memory().available``);
 - ``runtimes``: the shard runtimes whose packages are importable (``torch``; ``onnx`` and
   ``onnx-int8`` through onnxruntime; ``tflite-int8`` through ai_edge_litert;
@@ -15,8 +15,7 @@ rest from the system:
 - ``cores``: CPUs this process may run on; ``platform``: OS, release and machine.
 
 ``speed`` (the testbed's ``--speed``) multiplies both throughputs, so an emulated slow device
-reports what it will deliver. The measurement changes torch's thread count while it runs and
-restores it: call it before other threads use torch.
+reports what it will deliver.
 """
 
 from __future__ import annotations
@@ -77,22 +76,14 @@ def _ops_per_second(step: Callable[[], object], ops: float, seconds: float,
     return ops * runs / max(elapsed, 1e-9)
 
 
-def fp32_flops(seconds: float, threads: int | None = None,
-               clock: Clock = time.perf_counter) -> float:
-    """fp32 matmul FLOP/s with ``threads`` torch threads (None: torch's current setting)."""
-    import torch
-
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        gen = torch.Generator().manual_seed(0)
-        a = torch.randn(MATMUL_N, MATMUL_N, generator=gen)
-        b = torch.randn(MATMUL_N, MATMUL_N, generator=gen)
-        with torch.inference_mode():
-            return _ops_per_second(lambda: torch.mm(a, b), 2.0 * MATMUL_N**3, seconds, clock)
-    finally:
-        torch.set_num_threads(previous)
+def fp32_flops(seconds: float, clock: Clock = time.perf_counter) -> float:
+    """fp32 matmul FLOP/s through numpy's BLAS (all the threads it uses). numpy, not
+    torch: importing torch costs seconds on a small board, and an agent announces itself
+    only after its profile is measured."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((MATMUL_N, MATMUL_N), dtype=np.float32)
+    b = rng.standard_normal((MATMUL_N, MATMUL_N), dtype=np.float32)
+    return _ops_per_second(lambda: a @ b, 2.0 * MATMUL_N**3, seconds, clock)
 
 
 def _int8_operands() -> tuple[np.ndarray, np.ndarray]:
@@ -129,18 +120,20 @@ def _int8_onnxruntime(seconds: float, clock: Clock) -> float:
 
 
 def int8_ops(seconds: float, clock: Clock = time.perf_counter) -> tuple[float, str]:
-    """int8 matmul ops/s and the engine that measured it ("torch", "onnxruntime" or "none")."""
-    if _has("torch"):
-        try:
-            return _int8_torch(seconds, clock), "torch"
-        except (RuntimeError, AttributeError, NotImplementedError) as exc:
-            log.debug("torch._int_mm does not run here (%s); trying onnxruntime", exc)
+    """int8 matmul ops/s and the engine that measured it ("onnxruntime", "torch" or
+    "none"). ONNX Runtime's MatMulInteger first: it is what int8 shards run on, and it
+    loads in a fraction of torch's import time."""
     if _has("onnxruntime") and _has("onnx"):
         try:
             return _int8_onnxruntime(seconds, clock), "onnxruntime"
         except Exception as exc:  # any ORT failure only means "not measured"
-            log.debug("onnxruntime MatMulInteger failed: %s", exc)
-    log.warning("int8 throughput not measured: neither torch._int_mm nor onnxruntime works")
+            log.debug("onnxruntime MatMulInteger failed: %s; trying torch", exc)
+    if _has("torch"):
+        try:
+            return _int8_torch(seconds, clock), "torch"
+        except (RuntimeError, AttributeError, NotImplementedError) as exc:
+            log.debug("torch._int_mm does not run here (%s)", exc)
+    log.warning("int8 throughput not measured: neither onnxruntime nor torch._int_mm works")
     return 0.0, "none"
 
 
@@ -153,23 +146,19 @@ def cores() -> int:
 
 def measure(device_id: str, speed: float = 1.0, seconds: float = 0.3,
             clock: Clock = time.perf_counter) -> DeviceProfile:
-    """Measure this device; ``seconds`` is the time budget of the three matmul timings together."""
+    """Measure this device; ``seconds`` is the time budget of the two matmul timings together."""
     check_name(device_id, "device name")
     if not speed > 0:
         raise InvalidInput(f"speed {speed} must be > 0 (1.0 = this device's real speed)")
     if not seconds > 0:
         raise InvalidInput(f"seconds {seconds} must be > 0")
-    if not _has("torch"):
-        raise InvalidInput("the device profile needs torch: pip install 'edgeswarm[agent]'")
-    share = seconds / 3
-    flops_all = fp32_flops(share, clock=clock)
-    flops_one = fp32_flops(share, threads=1, clock=clock)
-    int8, engine = int8_ops(share, clock)
-    log.info("profile of %s: fp32 %.2f GFLOP/s (%.2f on 1 thread), int8 %.2f GOP/s (%s), "
-             "speed x%g", device_id, flops_all / 1e9, flops_one / 1e9, int8 / 1e9, engine, speed)
+    flops = fp32_flops(seconds / 2, clock=clock)
+    int8, engine = int8_ops(seconds / 2, clock)
+    log.info("profile of %s: fp32 %.2f GFLOP/s, int8 %.2f GOP/s (%s), speed x%g",
+             device_id, flops / 1e9, int8 / 1e9, engine, speed)
     return DeviceProfile(
         id=device_id,
-        flops=float(flops_all * speed),
+        flops=float(flops * speed),
         int8_ops=float(int8 * speed),
         memory_bytes=int(psutil.virtual_memory().available),
         runtimes=installed_runtimes(),

@@ -6,7 +6,6 @@ import time
 from collections.abc import Callable
 
 import pytest
-import torch
 
 from edgeswarm.device_agent import profile
 from edgeswarm.device_agent.protocol import DeviceProfile
@@ -21,9 +20,7 @@ def ticking(step_s: float = 0.01) -> Callable[[], float]:
 
 
 def test_profile_numbers_are_plausible() -> None:
-    threads = torch.get_num_threads()
     p = profile.measure("pi-1", seconds=0.15)
-    assert torch.get_num_threads() == threads  # the 1-thread timing restores the setting
     assert p.id == "pi-1"
     assert 1e8 < p.flops < 1e15  # between a microcontroller and a data-centre GPU
     assert 1e8 < p.int8_ops < 1e16
@@ -61,9 +58,9 @@ def test_to_device_gives_the_placement_vocabulary() -> None:
 
 
 def test_int8_engines_agree_on_the_order_of_magnitude() -> None:
-    via_torch, engine = profile.int8_ops(0.05)
-    assert engine == "torch"
-    via_ort = profile._int8_onnxruntime(0.05, time.perf_counter)
+    via_ort, engine = profile.int8_ops(0.05)
+    assert engine == "onnxruntime"
+    via_torch = profile._int8_torch(0.05, time.perf_counter)
     assert via_torch > 1e8 and via_ort > 1e8
     assert 0.01 < via_torch / via_ort < 100
 
@@ -75,3 +72,14 @@ def test_bad_arguments_are_refused() -> None:
         profile.measure("bad/name")
     with pytest.raises(InvalidInput, match="seconds"):
         profile.measure("d", seconds=-1)
+
+
+def test_measuring_does_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; from edgeswarm.device_agent import profile; "
+            "profile.measure('d', seconds=0.05); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60)
+    assert out.stdout.strip() == "False"
