@@ -118,6 +118,7 @@ class Agent:
         self.profile: protocol.DeviceProfile | None = None
         self.control: ControlClient | None = None
         self.probe: DataProbe | None = None
+        self._advertiser: Any = None   # discovery.Advertiser, imported only when used
         self.deployments: Deployments | None = None
         self._started = self._stopped = False
         self._seq = 0
@@ -174,10 +175,15 @@ class Agent:
                 host=cfg.data_host, data_port=self.probe.port, broker=self.broker_uri,
                 metrics_port=self.metrics_port)
             advertiser = discovery.Advertiser(record, interfaces=cfg.interfaces)
-            advertiser.start()
+            advertiser.start(wait=False)   # probing takes ~1.7 s: MQTT need not wait
             self._parts.append(advertiser)
+            self._advertiser = advertiser
         log.info("agent %s online in cluster %s via %s (data %s:%d)", cfg.name, cfg.cluster,
                  self.broker_uri, cfg.data_host, self.probe.port)
+
+    def advertised(self, timeout_s: float = 10.0) -> bool:
+        """Wait until zeroconf advertises this agent (start() does not wait for it)."""
+        return self._advertiser is not None and self._advertiser.wait(timeout_s)
 
     def _broker(self) -> str:
         cfg = self.config
@@ -194,7 +200,7 @@ class Agent:
             if cfg.advertise:
                 adv = discovery.BrokerAdvertiser(broker.uri, cfg.cluster,
                                                  interfaces=cfg.interfaces)
-                adv.start()
+                adv.start(wait=False)
                 self._parts.append(adv)
             return broker.uri
         # any agent of the cluster names its broker: the first answer is enough

@@ -20,6 +20,7 @@ import ipaddress
 import logging
 import queue
 import socket
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -116,25 +117,52 @@ class _Registration:
         self._interfaces = interfaces
         self._what = what
         self._zc: Zeroconf | None = None
+        self._thread: threading.Thread | None = None
 
-    def start(self) -> None:
+    def start(self, wait: bool = True) -> None:
+        """Probe, then announce. ``wait=False`` does it in a thread: probing takes about
+        1.7 s (RFC 6762's three probes, then announcements) that a daemon need not wait."""
         if self._zc is not None:
             raise Error(f"{self._what} is already advertised; call stop() first")
         zc = _zeroconf(self._interfaces)
+        self._zc = zc
+        if wait:
+            self._register(zc, raise_errors=True)
+            return
+        self._thread = threading.Thread(target=self._register, args=(zc, False), daemon=True,
+                                        name="edgeswarm-advertise")
+        self._thread.start()
+
+    def wait(self, timeout_s: float) -> bool:
+        """Wait for a registration started with ``wait=False``; True once advertised."""
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                return False
+        return self._zc is not None
+
+    def _register(self, zc: Zeroconf, raise_errors: bool) -> None:
         try:
             zc.register_service(self._info)
-        except NonUniqueNameException as exc:
+        except (NonUniqueNameException, EventLoopBlocked) as exc:
+            self._zc = None
             zc.close()
-            raise InvalidInput(f"{self._what} is already advertised by another process on this "
-                               f"network; pick another name") from exc
-        except EventLoopBlocked as exc:
-            zc.close()
-            raise Error(f"advertising {self._what} timed out (zeroconf's loop is blocked); "
-                        f"try again") from exc
-        self._zc = zc
+            what = ("is already advertised by another process on this network; pick "
+                    "another name" if isinstance(exc, NonUniqueNameException)
+                    else "timed out (zeroconf's loop is blocked); try again")
+            error: Error = (InvalidInput(f"{self._what} {what}")
+                            if isinstance(exc, NonUniqueNameException)
+                            else Error(f"advertising {self._what} {what}"))
+            if raise_errors:
+                raise error from exc
+            log.error("%s", error)
+            return
         log.info("advertising %s as %s", self._what, self._info.name)
 
     def stop(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
         zc, self._zc = self._zc, None
         if zc is None:
             return
@@ -166,9 +194,14 @@ class Advertiser:
         self._registration = _Registration(
             info, interfaces, f"device {record.device!r} of cluster {record.cluster!r}")
 
-    def start(self) -> None:
-        """Register (probe, then announce); returns once peers can find the agent."""
-        self._registration.start()
+    def start(self, wait: bool = True) -> None:
+        """Register (probe, then announce); returns once peers can find the agent, or at
+        once with ``wait=False`` (registration goes on in a thread; failures are logged)."""
+        self._registration.start(wait)
+
+    def wait(self, timeout_s: float) -> bool:
+        """True once the record is advertised (see ``start(wait=False)``)."""
+        return self._registration.wait(timeout_s)
 
     def stop(self) -> None:
         """Withdraw the record (goodbye packets) and close the sockets."""
@@ -202,8 +235,8 @@ class BrokerAdvertiser:
         self._registration = _Registration(info, interfaces,
                                            f"the broker of cluster {cluster!r}")
 
-    def start(self) -> None:
-        self._registration.start()
+    def start(self, wait: bool = True) -> None:
+        self._registration.start(wait)
 
     def stop(self) -> None:
         self._registration.stop()

@@ -72,6 +72,7 @@ def advertised(tmp_path: Path) -> Iterator[Agent]:
                          artifacts_dir=tmp_path)
     agent = Agent(config, keys.generate())
     agent.start()
+    assert agent.advertised(10.0)
     yield agent
     agent.stop()
 
