@@ -262,8 +262,11 @@ class Coordinator:
 
     def teardown(self, deployment: str, devices: Sequence[str] | None = None,
                  timeout_s: float = 10.0) -> dict[str, TornDown]:
-        """Stop the pipeline, leave the group and tell each device to drop the deployment."""
-        rank0 = self._rank0.pop(deployment, None)
+        """Stop the pipeline, leave the group and tell each device to drop the deployment.
+
+        With ``devices`` given, only those devices are told and this coordinator's end of
+        the pipeline stays up (a new generation dropping devices the old one used)."""
+        rank0 = self._rank0.pop(deployment, None) if devices is None else None
         if rank0 is not None:
             rank0.shutdown()
             if devices is None:

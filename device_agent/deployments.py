@@ -106,8 +106,10 @@ class Deployments:
         with self._lock:
             old = self._running.pop(dep, None)
             self._running[dep] = run
-        if old is not None:  # the new generation replaces the old one
-            self._close(old)
+        if old is not None:  # the new generation replaces the old one; the old executor may
+            # wait for rank 0 of its generation to leave, so it is closed in the background
+            threading.Thread(target=self._close, args=(old,), daemon=True,
+                             name=f"edgeswarm-retire-{dep}-{old.manifest.generation}").start()
         run.thread.start()
         self._metrics.shards(self.shard_count())
         return self._deployed(manifest, time.perf_counter() - t0)

@@ -21,6 +21,7 @@ Tensor-parallel groups (a task on several devices) are cut by
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,8 @@ from edgeswarm.placement.cluster import DeviceId
 from edgeswarm.placement.errors import InvalidInput
 from edgeswarm.placement.plan import Plan
 from edgeswarm.placement.taskgraph import TaskId
+
+log = logging.getLogger("edgeswarm.models.partition")
 
 
 @dataclass(frozen=True)
@@ -239,23 +242,71 @@ def export(part: Partition, example_inputs: Sequence[Any], out_dir: Path,
     examples = part.stage_inputs(*example_inputs)
     calib = part.stage_inputs(*calibration) if calibration is not None else None
     files = []
-    for stage in part.stages:
+    for pos, stage in enumerate(part.stages):
         rt = runtime if isinstance(runtime, str) else runtime.get(stage.device, "onnx")
         if rt not in ("onnx", "onnx-int8", "tflite-int8"):
             raise InvalidInput(f"stage {stage.index} on {stage.device!r}: runtime {rt!r} "
                                f"cannot be exported as a shard; use onnx, onnx-int8 or "
                                f"tflite-int8")
-        exe = compile_runtime(stage.module, runtime=rt,
-                              example_inputs=list(examples[stage.index]),
-                              calibration=list(calib[stage.index]) if calib else None,
-                              output=out_dir / f"stage{stage.index}-{stage.device}",
-                              input_names=stage.inputs, output_names=stage.outputs)
-        if exe.path is None:  # every runtime exported here writes a file
-            raise InvalidInput(f"runtime {rt!r} wrote no artifact for stage {stage.index}")
-        path = exe.path
+        base = out_dir / f"stage{stage.index}-{stage.device}"
+        if rt == "tflite-int8":
+            exe = compile_runtime(stage.module, runtime=rt, example_inputs=list(examples[pos]),
+                                  calibration=list(calib[pos]) if calib else None,
+                                  output=base, input_names=stage.inputs,
+                                  output_names=stage.outputs)
+            if exe.path is None:  # the LiteRT runtime always writes its file
+                raise InvalidInput(f"runtime {rt!r} wrote no artifact for stage {stage.index}")
+            path = exe.path
+        else:
+            path = base.with_name(base.name + (".onnx" if rt == "onnx" else ".fp32.onnx"))
+            export_stage_onnx(stage, examples[pos], path)
+            if rt == "onnx-int8":
+                fp32 = path
+                exe = compile_runtime(fp32, runtime=rt, output=base.with_name(base.name + ".onnx"),
+                                      calibration=[_np(c) for c in calib[pos]] if calib else None)
+                fp32.unlink()
+                assert exe.path is not None  # ONNX Runtime artifacts are files
+                path = exe.path
         files.append(StageFile(stage.index, stage.device, rt, path, sha256_of(path),
                                path.stat().st_size, stage.inputs, stage.outputs))
     return files
+
+
+def export_stage_onnx(stage: Stage, inputs: Sequence[torch.Tensor], path: Path) -> Path:
+    """One stage to ONNX (opset 18, batch dimension dynamic), checked by onnx.checker.
+
+    Stages go through torch's TorchScript-based exporter: a stage is a plain fx graph of
+    the model's own operators, which it exports in a fraction of a second, where the
+    dynamo exporter takes seconds; re-planning after a device leaves exports the stages
+    that changed while requests wait. Falls back to the dynamo exporter if it fails."""
+    import contextlib
+    import io
+    import warnings
+
+    import onnx
+
+    from edgeswarm.models.runtimes.onnx_export import OPSET, export_onnx
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    args = tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in inputs)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(stage.module, args, str(path), input_names=list(stage.inputs),
+                              output_names=list(stage.outputs), dynamo=False,
+                              opset_version=OPSET,
+                              dynamic_axes={n: {0: "batch"} for n in
+                                            (*stage.inputs, *stage.outputs)})
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:  # an operator the old exporter lacks: take the slow path
+        log.debug("stage %d: TorchScript export failed (%s); using dynamo", stage.index, exc)
+        export_onnx(stage.module, list(args), path, stage.inputs, stage.outputs)
+    return path
+
+
+def _np(x: Any) -> Any:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
 
 
 def sha256_of(path: Path) -> str:

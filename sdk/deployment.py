@@ -1,0 +1,290 @@
+"""A model running across the cluster, kept running while devices come and go.
+
+A :class:`Deployment` owns one pipeline: the coordinator is rank 0, sends each request's
+inputs to the first stage and reads the outputs from the last. Every generation (a plan,
+its exported stages, a manifest, a gloo group) is recorded with its predicted latency
+(the simulator on the profiles the agents measured, plus the coordinator's own two
+transfers) and the latencies measured by :meth:`run`.
+
+When a device it uses is lost (kill -9, network gone, clean stop), the coordinator's
+membership callback marks the deployment stale and recovery starts at once in the
+background: :func:`~edgeswarm.placement.replan.replan` on the devices left (few tasks
+move), only the stages that changed are exported, and the next generation is deployed.
+A request that was in flight when the device died fails on its gloo operation, waits for
+the recovery and is sent again; :meth:`run` returns only a result computed by a complete
+pipeline, and raises only after ``attempts`` tries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edgeswarm.device_agent import membership as ms
+from edgeswarm.device_agent.manifest import COORDINATOR, Manifest
+from edgeswarm.placement.errors import DeviceLost, Error, InvalidInput
+from edgeswarm.placement.plan import Plan
+from edgeswarm.placement.simulator import simulate
+from edgeswarm.shards import ShardCache, manifest_for
+
+if TYPE_CHECKING:
+    from edgeswarm.cluster import Cluster, Model
+    from edgeswarm.models.partition import Partition
+
+log = logging.getLogger("edgeswarm.sdk")
+
+
+@dataclass
+class Generation:
+    """One deployed generation: what ran where, why, and how fast it was predicted to be."""
+
+    number: int
+    plan: Plan
+    devices: tuple[str, ...]
+    reason: str
+    deploy_s: float
+    predicted_s: float
+    tasks_moved: int = 0
+    measured_s: list[float] = field(default_factory=list)
+
+    @property
+    def measured_median_s(self) -> float:
+        return float(np.median(self.measured_s)) if self.measured_s else float("nan")
+
+
+class Deployment:
+    """A model deployed on a :class:`~edgeswarm.cluster.Cluster` (see the module doc)."""
+
+    def __init__(self, cluster: Cluster, model: Model, plan: Plan | None, *,
+                 runtime: str = "onnx", policy: str = "gnn", timeout_s: float = 60.0,
+                 attempts: int = 4) -> None:
+        self.cluster = cluster
+        self.model = model
+        self.runtime = runtime
+        self.policy = policy
+        self.timeout_s = timeout_s
+        self.attempts = attempts
+        self.id = f"{model.name}-{secrets.token_hex(3)}"
+        self.generations: list[Generation] = []
+        self.retries = 0
+        self._lock = threading.RLock()
+        self._stale = ""
+        self._closed = False
+        self._recovering: threading.Thread | None = None
+        self._manifest: Manifest | None = None
+        self._partition: Partition | None = None
+        calib = model.calibration if runtime.endswith("int8") else None
+        self._cache = ShardCache(cluster.artifact_server(), model.example_inputs, calib)
+        self._examples = [_numpy(x) for x in model.example_inputs]
+        cluster.coordinator.on_change(self._on_change)
+        with self._lock:
+            self._start(plan or cluster.place(model, policy=policy), "initial plan")
+
+    # -- public ----------------------------------------------------------------------
+    @property
+    def plan(self) -> Plan:
+        return self.generations[-1].plan
+
+    @property
+    def generation(self) -> int:
+        return self.generations[-1].number
+
+    @property
+    def predicted_latency_s(self) -> float:
+        return self.generations[-1].predicted_s
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return self.generations[-1].devices
+
+    def run(self, *inputs: Any) -> Any:
+        """One request: the model's output for ``inputs`` (numpy arrays or torch tensors,
+        batch-first; torch in, torch out). Retried on the next generation if a device is
+        lost on the way."""
+        arrays = self._check([_numpy(x) for x in inputs])
+        as_torch = any(type(x).__module__.startswith("torch") for x in inputs)
+        last: Exception | None = None
+        for attempt in range(self.attempts):
+            with self._lock:
+                if self._closed:
+                    raise InvalidInput(f"deployment {self.id} is closed")
+                try:
+                    if self._stale:
+                        self._recover()
+                    t0 = time.perf_counter()
+                    outs = self.cluster.coordinator.infer(self.id, arrays)
+                    self.generations[-1].measured_s.append(time.perf_counter() - t0)
+                except (DeviceLost, Error) as exc:
+                    if isinstance(exc, InvalidInput):
+                        raise
+                    last = exc
+                    self.retries += attempt == 0
+                    self._stale = self._stale or f"request failed: {exc}"
+                    log.warning("deployment %s generation %d: %s; re-planning", self.id,
+                                self.generation, exc)
+                    continue
+            assert self._partition is not None
+            result = self._partition.assemble(outs)
+            return _torch(result) if as_torch else result
+        raise DeviceLost(f"deployment {self.id}: request failed {self.attempts} times; last "
+                         f"error: {last}")
+
+    async def arun(self, *inputs: Any) -> Any:
+        """:meth:`run` without blocking the event loop."""
+        return await asyncio.to_thread(self.run, *inputs)
+
+    def close(self) -> None:
+        """Stop the pipeline and release the devices."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self.cluster.coordinator.teardown(self.id, timeout_s=5.0)
+            except Error as exc:
+                log.warning("deployment %s: teardown incomplete: %s", self.id, exc)
+        self.cluster._forget(self)
+
+    def __enter__(self) -> Deployment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- generations -----------------------------------------------------------------
+    def _start(self, plan: Plan, reason: str, moved: int = 0) -> None:
+        from edgeswarm.models.partition import partition
+
+        m = self.model
+        part = partition(m.module, m.example_inputs, plan, m.trace())
+        devices = tuple(dict.fromkeys(part.devices))
+        runtimes = self._runtimes(devices)
+        artifacts = self._cache.artifacts(part, runtimes)
+        number = (self.generations[-1].number + 1) if self.generations else 1
+        coord = self.cluster.coordinator
+        manifest = manifest_for(part, artifacts, runtimes, deployment=self.id, generation=number,
+                                model=m.name, store=coord.store_endpoint(),
+                                links=self.cluster.link_shapes(devices),
+                                timeout_s=min(self.timeout_s, 30.0))
+        t0 = time.perf_counter()
+        coord.deploy(manifest, timeout_s=self.timeout_s)
+        deploy_s = time.perf_counter() - t0
+        old = self._manifest
+        self._manifest, self._partition = manifest, part
+        self.generations.append(Generation(number, plan, devices, reason, deploy_s,
+                                           self._predict(plan, part), moved))
+        log.info("deployment %s generation %d on %s (%s) in %.2f s", self.id, number,
+                 ", ".join(devices), reason, deploy_s)
+        if old is not None:  # devices of the old generation that the new one does not use
+            online = {s.device.id for s in self.cluster.devices}
+            gone = [d for d in old.ranks if d != COORDINATOR and d not in manifest.ranks
+                    and d in online]
+            if gone:
+                try:
+                    coord.teardown(self.id, devices=gone, timeout_s=2.0)
+                except Error as exc:
+                    log.debug("teardown of %s on %s: %s", self.id, gone, exc)
+
+    def _recover(self) -> None:
+        """Re-plan on the devices online now and deploy the next generation."""
+        from edgeswarm.placement.replan import replan
+
+        why, self._stale = self._stale, ""
+        topology = self.cluster.topology()
+        result = replan(self.plan, self.model.graph, topology, policy=self.policy)
+        self._start(result.plan, why, result.tasks_moved)
+
+    def _on_change(self, _m: ms.Membership, event: Any) -> None:
+        if self._closed or self._manifest is None:
+            return
+        device = getattr(event, "device", None)
+        if isinstance(event, (ms.DeviceLost, ms.DeviceLeft)) and device in self._manifest.ranks:
+            how = "lost" if isinstance(event, ms.DeviceLost) else "left"
+            self._stale = f"device {device} {how}"
+            t = threading.Thread(target=self._recover_now, daemon=True,
+                                 name=f"edgeswarm-recover-{self.id}")
+            t.start()
+
+    def _recover_now(self) -> None:
+        with self._lock:
+            if self._stale and not self._closed:
+                try:
+                    self._recover()
+                except Error as exc:  # the next request tries again
+                    log.warning("deployment %s: recovery failed: %s", self.id, exc)
+                    self._stale = self._stale or f"recovery failed: {exc}"
+
+    # -- helpers ---------------------------------------------------------------------
+    def _runtimes(self, devices: Sequence[str]) -> dict[str, str]:
+        states = {s.device.id: s for s in self.cluster.devices}
+        out = {}
+        for d in devices:
+            have = states[d].device.runtimes if d in states else []
+            if self.runtime in have:
+                out[d] = self.runtime
+            elif "onnx" in have:
+                out[d] = "onnx"
+            else:
+                raise InvalidInput(f"device {d!r} runs none of {self.runtime!r}, 'onnx' "
+                                   f"(it has {have}); install edgeswarm[onnx] there")
+        return out
+
+    def _predict(self, plan: Plan, part: Partition) -> float:
+        """The simulator's latency for the plan, plus sending the inputs to the first stage
+        and the outputs back (the coordinator is not a device of the plan)."""
+        topology = self.cluster.topology()
+        makespan = simulate(self.model.graph, topology, plan).makespan
+        states = {s.device.id: s for s in self.cluster.devices}
+        first, last = part.stages[0].device, part.stages[-1].device
+        out_bytes = sum(o.nbytes for o in self._example_outputs(part))
+        total = makespan
+        for device, nbytes in ((first, sum(x.nbytes for x in self._examples)),
+                               (last, out_bytes)):
+            if device in states:
+                link = self.cluster.link_to(states[device])
+                total += link.latency_s + nbytes / link.bandwidth_Bps
+        return total
+
+    def _example_outputs(self, part: Partition) -> list[np.ndarray]:
+        import torch
+
+        inputs = part.stage_inputs(*self.model.example_inputs)
+        with torch.inference_mode():
+            outs = part.stages[-1].module(*inputs[-1])
+        return [_numpy(o) for o in outs]
+
+    def _check(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        """Refuse inputs the stages cannot take before they reach a device."""
+        if len(arrays) != len(self._examples):
+            raise InvalidInput(f"{self.model.name} takes {len(self._examples)} input(s), "
+                               f"got {len(arrays)}")
+        for i, (a, e) in enumerate(zip(arrays, self._examples, strict=True)):
+            if a.dtype != e.dtype or a.shape[1:] != e.shape[1:] or a.ndim != e.ndim:
+                raise InvalidInput(f"input {i} of {self.model.name}: expected dtype {e.dtype} "
+                                   f"and shape (batch, {', '.join(map(str, e.shape[1:]))}), "
+                                   f"got {a.dtype} {tuple(a.shape)}")
+        return arrays
+
+
+def _numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.ascontiguousarray(x)
+
+
+def _torch(value: Any) -> Any:
+    import torch
+
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_torch(v) for v in value)
+    return value
