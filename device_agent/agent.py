@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from pathlib import Path
@@ -39,6 +40,7 @@ import edgeswarm
 from edgeswarm.device_agent import protocol, topics
 from edgeswarm.device_agent.control import ControlClient, TlsConfig
 from edgeswarm.device_agent.deployments import Deployments, reason_of
+from edgeswarm.device_agent.manifest import LinkShape
 from edgeswarm.device_agent.metrics import AgentMetrics
 from edgeswarm.device_agent.probe import DataProbe
 from edgeswarm.device_agent.protocol import (
@@ -71,6 +73,7 @@ class AgentConfig(Model):
     broker_port: int = Field(default=1883, ge=0, le=65535)   # the embedded broker's port
     key: Path | None = None               # the key file (the key itself is passed apart)
     speed: float = Field(default=1.0, gt=0)
+    links: dict[str, LinkShape] = Field(default_factory=dict)  # emulated, by peer; "*": others
     data_host: str = "127.0.0.1"
     data_port: int = Field(default=0, ge=0, le=65535)
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
@@ -92,6 +95,9 @@ class AgentConfig(Model):
     def _one_broker(self) -> AgentConfig:
         if self.broker is not None and self.embedded_broker:
             raise ValueError("give --broker or --embedded-broker, not both")
+        for peer in self.links:
+            if peer != "*" and re.fullmatch(topics.NAME_PATTERN, peer) is None:
+                raise ValueError(f"links: {peer!r} is not a device id (or '*' for every peer)")
         return self
 
     def tls(self) -> TlsConfig | None:
@@ -263,7 +269,8 @@ class Agent:
         return DeviceState(status=status, device=self.profile,  # type: ignore[arg-type]
                            agent_version=edgeswarm.__version__, data_host=self.config.data_host,
                            data_port=self.probe.port, metrics_port=self.metrics_port,
-                           heartbeat_s=self.config.heartbeat_s, deployments=self._ids())
+                           heartbeat_s=self.config.heartbeat_s, deployments=self._ids(),
+                           links=self.config.links)
 
     def _publish_state(self, status: str = "online", wait: bool = False) -> None:
         assert self.control is not None

@@ -70,6 +70,65 @@ class LinkShape(Model):
     latency_s: float = Field(ge=0)
 
 
+# Link specs, as Linux tc writes rates: "bit" units are bits/s, "bps" units bytes/s.
+_RATE_UNITS = {"bit": 1 / 8, "kbit": 1e3 / 8, "mbit": 1e6 / 8, "gbit": 1e9 / 8,
+               "bps": 1.0, "kbps": 1e3, "mbps": 1e6, "gbps": 1e9,
+               "b/s": 1.0, "kb/s": 1e3, "mb/s": 1e6, "gb/s": 1e9}   # "/s": bytes (B) only
+_DELAY_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
+_NUMBER = r"(\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?"
+_SPEC = re.compile(rf"\s*(?P<rate>{_NUMBER})\s*(?P<runit>[a-z/]+)"
+                   rf"(?:\s*:\s*(?P<delay>{_NUMBER})\s*(?P<dunit>[a-z]+))?\s*", re.IGNORECASE)
+LINK_SPEC_HELP = ("RATE[:LATENCY], e.g. 100mbit:5ms; rates in bit/kbit/mbit/gbit (bits/s) or "
+                  "bps/kbps/mbps/gbps, B/s, KB/s, MB/s, GB/s (bytes/s); latency in s/ms/us")
+
+
+def parse_link(spec: str) -> LinkShape:
+    """The link a spec like ``100mbit:5ms`` describes (bandwidth, then one-way latency).
+
+    Rates follow Linux tc: ``bit``, ``kbit``, ``mbit``, ``gbit`` are bits per second and
+    ``bps``, ``kbps``, ``mbps``, ``gbps`` bytes per second (so are ``B/s`` ... ``GB/s``);
+    prefixes are decimal (k = 1000). Latency is in ``s``, ``ms`` or ``us``; without it the
+    link has none. Raises InvalidInput naming the spec otherwise.
+    """
+    if not isinstance(spec, str):
+        raise InvalidInput(f"link spec {spec!r} must be a string like 100mbit:5ms")
+    match = _SPEC.fullmatch(spec)
+    if match is None:
+        raise InvalidInput(f"link spec {spec!r} is not {LINK_SPEC_HELP}")
+    runit = match["runit"]
+    if "/" in runit and not runit.endswith("B/s"):
+        prefix = runit[:-3]
+        raise InvalidInput(f"link spec {spec!r}: rate unit {runit!r} is ambiguous; write "
+                           f"{prefix.lower()}bit for bits/s or {prefix.upper()}B/s for bytes/s")
+    per_s = _RATE_UNITS.get(runit.lower())
+    if per_s is None:
+        raise InvalidInput(f"link spec {spec!r}: unknown rate unit {runit!r}; "
+                           f"use bit, kbit, mbit, gbit (bits/s) or bps, kbps, mbps, gbps, "
+                           f"B/s, KB/s, MB/s, GB/s (bytes/s)")
+    bandwidth = float(match["rate"]) * per_s
+    latency = 0.0
+    if match["delay"] is not None:
+        scale = _DELAY_UNITS.get(match["dunit"].lower())
+        if scale is None:
+            raise InvalidInput(f"link spec {spec!r}: unknown latency unit {match['dunit']!r}; "
+                               f"use s, ms or us")
+        latency = float(match["delay"]) * scale
+    if not 0 < bandwidth < float("inf") or not latency < float("inf"):
+        raise InvalidInput(f"link spec {spec!r}: the rate must be > 0 and both numbers finite")
+    return LinkShape(bandwidth_Bps=bandwidth, latency_s=latency)
+
+
+def format_link(link: LinkShape) -> str:
+    """A short spec for ``link`` (``100mbit:5ms``), rounded for display: parse_link reads it."""
+    bits = link.bandwidth_Bps * 8
+    rate = next((f"{bits / scale:.4g}{unit}" for scale, unit in
+                 ((1e9, "gbit"), (1e6, "mbit"), (1e3, "kbit")) if bits >= scale),
+                f"{bits:.4g}bit")
+    ms = link.latency_s * 1e3
+    delay = f"{ms:.4g}ms" if ms >= 1 or ms == 0 else f"{ms * 1e3:.4g}us"
+    return f"{rate}:{delay}"
+
+
 class Manifest(Model):
     """Everything an agent needs to take part in one generation of a deployment."""
 

@@ -35,7 +35,7 @@ from edgeswarm.device_agent._signing import (
     digest,
     signature_matches,
 )
-from edgeswarm.device_agent.manifest import Manifest
+from edgeswarm.device_agent.manifest import LinkShape, Manifest
 from edgeswarm.device_agent.topics import NAME_PATTERN, check_name
 from edgeswarm.placement.cluster import Device, DeviceId
 from edgeswarm.placement.errors import InvalidInput
@@ -161,6 +161,9 @@ class DeviceState(Model):
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     heartbeat_s: float = Field(gt=0)
     deployments: list[str] = Field(default_factory=list)
+    # outgoing data-plane links this agent emulates, by peer device id; key "*" for every
+    # other peer, including the coordinator (testbed only; empty on a real device)
+    links: dict[str, LinkShape] = Field(default_factory=dict)
 
 
 class Heartbeat(Model):

@@ -56,6 +56,12 @@ def agent_cmd(
                                      f"or ~/.config/edgeswarm/cluster.key."),
         speed: float = typer.Option(1.0, "--speed", help="Compute speed factor (< 1 emulates "
                                                          "a slower device)."),
+        link: str | None = typer.Option(
+            None, "--link", help="Emulate this link to every peer, e.g. 100mbit:5ms (testbed; "
+                                 "shaped in the data plane on send)."),
+        link_to: list[str] | None = typer.Option(
+            None, "--link-to", help="PEER=SPEC: emulate this link to one peer (repeatable; "
+                                    "wins over --link)."),
         data_host: str = typer.Option(
             "127.0.0.1", "--data-host", help="This device's address on the data network: "
                                              "gloo, the data probe, the embedded broker and "
@@ -91,7 +97,8 @@ def agent_cmd(
     try:
         config = AgentConfig(
             name=name, cluster=cluster, broker=broker, embedded_broker=embedded_broker,
-            broker_port=broker_port, key=key_path, speed=speed, data_host=data_host,
+            broker_port=broker_port, key=key_path, speed=speed,
+            links=_links(link, link_to or []), data_host=data_host,
             data_port=data_port, metrics_port=metrics_port, tls_ca=tls_ca, tls_cert=tls_cert,
             tls_key=tls_key, username=username, password_file=password_file,
             heartbeat_s=heartbeat, interfaces=interfaces or None, advertise=not no_advertise,
@@ -188,6 +195,19 @@ def bench_agent_cmd(
 
 def _s(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f} s"
+
+
+def _links(default: str | None, per_peer: list[str]) -> dict[str, Any]:
+    """``--link`` (stored under "*") and ``--link-to PEER=SPEC`` as AgentConfig.links."""
+    from edgeswarm.device_agent.manifest import parse_link
+
+    links = {} if default is None else {"*": parse_link(default)}
+    for item in per_peer:
+        peer, sep, spec = item.partition("=")
+        if not sep or not peer.strip():
+            raise InvalidInput(f"--link-to {item!r}: expected PEER=SPEC, e.g. pi-1=10mbit:20ms")
+        links[peer.strip()] = parse_link(spec)
+    return links
 
 
 def _daemon_logging() -> None:
