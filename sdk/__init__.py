@@ -1,10 +1,16 @@
 """edgeswarm: deploy neural networks onto a dynamic cluster of edge and mobile devices.
 
-The front door. Single-device use today::
+The front door::
 
     import edgeswarm as es
-    exe = es.compile("digits-cnn", runtime="onnx-int8")
-    logits = exe.run(inputs)
+    cluster = es.Cluster.discover(cluster="lab")       # or es.Cluster.connect(broker=...)
+    plan = cluster.place("scene-cnn", policy="gnn")
+    with cluster.deploy("scene-cnn", plan) as deployment:
+        y = deployment.run(x)
+    exe = es.compile("digits-cnn", runtime="onnx-int8")  # single-device use
+
+``Cluster``, ``Deployment``, ``Plan`` and ``Testbed`` are imported on first use, so
+``import edgeswarm`` stays light on a small device.
 """
 
 from __future__ import annotations
@@ -26,7 +32,21 @@ from edgeswarm.placement.taskgraph import TaskGraph
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from edgeswarm.cluster import Cluster
+    from edgeswarm.deployment import Deployment
     from edgeswarm.models.runtimes import Executable
+    from edgeswarm.placement.plan import Plan
+
+_LAZY = {"Cluster": "edgeswarm.cluster", "Deployment": "edgeswarm.deployment",
+         "Plan": "edgeswarm.placement.plan"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'edgeswarm' has no attribute {name!r}")
 
 
 def compile(model: Any, runtime: str = "onnx", example_inputs: Any = None,
@@ -42,11 +62,14 @@ def compile(model: Any, runtime: str = "onnx", example_inputs: Any = None,
 
 
 __all__ = [
+    "Cluster",
+    "Deployment",
     "DeviceLost",
     "Error",
     "InvalidInput",
     "ModelFileError",
     "PlacementInfeasible",
+    "Plan",
     "ProtocolError",
     "RuntimeNotAvailable",
     "TaskGraph",
