@@ -20,6 +20,7 @@ from rich.table import Table
 import edgeswarm
 from edgeswarm.cli_agent import agent_cmd, bench_agent_cmd, devices_cmd, keygen_cmd
 from edgeswarm.cli_placement import bench_placement_cmd, place_cmd, simulate_cmd
+from edgeswarm.cli_testbed import testbed_cmd
 from edgeswarm.cli_train import train_command
 
 app = typer.Typer(help="edgeswarm: deploy neural networks across a dynamic cluster of edge "
@@ -167,6 +168,8 @@ app.command("agent")(agent_cmd)
 app.command("devices")(devices_cmd)
 app.command("keygen")(keygen_cmd)
 bench_app.command("agent")(bench_agent_cmd)
+# The simulated edge testbed lives in cli_testbed.py.
+app.command("testbed")(testbed_cmd)
 
 
 def _num(x: Any, digits: int) -> str:

@@ -20,11 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import secrets
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -35,62 +31,12 @@ from typing import Any
 import numpy as np
 
 from edgeswarm.placement.errors import Error
+from edgeswarm.testbed_agents import LOOPBACK, AgentProcesses, agent_command
+
+__all__ = ["AgentProcesses", "agent_command", "run"]
 
 Progress = Callable[[str], None]
-LOOPBACK = "127.0.0.1"
 BROWSE_S = 0.5  # one zeroconf browse: answers on loopback come within milliseconds
-
-
-def agent_command() -> list[str]:
-    """How to start ``edgeswarm`` from this interpreter: the console script next to it, or
-    ``python -c`` with the CLI's entry point."""
-    script = Path(sys.executable).with_name("edgeswarm")
-    if script.is_file() and os.access(script, os.X_OK):
-        return [str(script)]
-    return [sys.executable, "-c", "from edgeswarm.cli import main; main()"]
-
-
-class AgentProcesses:
-    """Agent processes started with ``edgeswarm agent``; stopped (and reaped) on exit."""
-
-    def __init__(self, workdir: Path, key_file: Path) -> None:
-        self.workdir = workdir
-        self.key_file = key_file
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def spawn(self, name: str, cluster: str, broker: str, *extra: str) -> subprocess.Popen[bytes]:
-        log = (self.workdir / f"{name}.log").open("wb")
-        argv = [*agent_command(), "agent", "--name", name, "--cluster", cluster,
-                "--broker", broker, "--key-file", str(self.key_file),
-                "--interface", LOOPBACK, "--data-host", LOOPBACK,
-                "--artifacts-dir", str(self.workdir / "artifacts"), *extra]
-        with log:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,  # noqa: S603
-                                    stderr=subprocess.STDOUT)
-        self.procs[name] = proc
-        return proc
-
-    def log_tail(self, name: str, chars: int = 1500) -> str:
-        try:
-            return (self.workdir / f"{name}.log").read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-    def kill(self, name: str) -> None:
-        self.procs[name].send_signal(signal.SIGKILL)
-        self.procs[name].wait(10)
-
-    def stop_all(self, timeout_s: float = 15.0) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        deadline = time.monotonic() + timeout_s
-        for proc in self.procs.values():
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
 
 
 @contextlib.contextmanager
