@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 import edgeswarm
+from edgeswarm.bench.snn import bench_snn_cmd
 from edgeswarm.cli_agent import agent_cmd, bench_agent_cmd, devices_cmd, keygen_cmd
 from edgeswarm.cli_placement import bench_placement_cmd, place_cmd, simulate_cmd
 from edgeswarm.cli_testbed import testbed_cmd
@@ -98,7 +99,7 @@ def graph_cmd(model: str = typer.Argument(..., help="A zoo name (see 'edgeswarm 
 @app.command("compile")
 def compile_cmd(model: str = typer.Argument(..., help="A zoo name or an .onnx file."),
                 runtime: str = typer.Option(..., "--runtime", "-r",
-                                            help="torch | onnx | onnx-int8 | tflite-int8"),
+                                            help="torch | onnx | onnx-int8 | tflite-int8 | snn"),
                 output: Path = typer.Option(..., "--output", "-o", help="Artifact to write."),
                 scheme: str = typer.Option(
                     "auto", "--int8-scheme",
@@ -117,11 +118,21 @@ def compile_cmd(model: str = typer.Argument(..., help="A zoo name or an .onnx fi
 
 
 @app.command("demo")
-def demo_cmd() -> None:
-    """Single-device demo: a real model on real data through every runtime."""
-    from edgeswarm.demo import run_demo
+def demo_cmd(
+        single_device: bool = typer.Option(
+            False, "--single-device", help="The single-device runtimes tour instead."),
+        gantt: Path = typer.Option(Path("edgeswarm-demo-gantt.png"), "--gantt",
+                                   help="Where to write the Gantt chart of the plan."),
+) -> None:
+    """A 4-device testbed on this machine: a real model placed, deployed and run."""
+    if single_device:
+        from edgeswarm.demo import run_demo
 
-    run_demo(out, err)
+        run_demo(out, err)
+        return
+    from edgeswarm.demo_cluster import run_cluster_demo
+
+    run_cluster_demo(out, err, gantt=gantt)
 
 
 @bench_app.command("runtimes")
@@ -170,6 +181,10 @@ app.command("keygen")(keygen_cmd)
 bench_app.command("agent")(bench_agent_cmd)
 # The simulated edge testbed lives in cli_testbed.py.
 app.command("testbed")(testbed_cmd)
+
+
+# The spiking benchmark lives in bench/snn.py.
+bench_app.command("snn")(bench_snn_cmd)
 
 
 def _num(x: Any, digits: int) -> str:
