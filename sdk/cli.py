@@ -20,6 +20,7 @@ from rich.table import Table
 import edgeswarm
 from edgeswarm.bench.snn import bench_snn_cmd
 from edgeswarm.cli_agent import agent_cmd, bench_agent_cmd, devices_cmd, keygen_cmd
+from edgeswarm.cli_export import export_cmd
 from edgeswarm.cli_placement import bench_placement_cmd, place_cmd, simulate_cmd
 from edgeswarm.cli_testbed import testbed_cmd
 from edgeswarm.cli_train import train_command
@@ -181,6 +182,7 @@ app.command("keygen")(keygen_cmd)
 bench_app.command("agent")(bench_agent_cmd)
 # The simulated edge testbed lives in cli_testbed.py.
 app.command("testbed")(testbed_cmd)
+app.command("export")(export_cmd)
 
 
 # The spiking benchmark lives in bench/snn.py.
