@@ -175,27 +175,13 @@ class _Registration:
             zc.close()
 
 
-class Advertiser:
-    """Advertises one agent as ``<device>@<cluster>._edgeswarm._tcp.local.``."""
+class _Advertised:
+    """A record kept advertised between start() and stop() (a context manager too)."""
 
-    def __init__(self, record: AgentRecord, interfaces: Sequence[str] | None = None) -> None:
-        topics.check_name(record.device, "device name")
-        topics.check_name(record.cluster, "cluster name")
-        for port, what in ((record.data_port, "data port"),
-                           (record.metrics_port, "metrics port")):
-            if port is not None and not 0 < port < 65536:
-                raise InvalidInput(f"{what} {port} is not a TCP port (1-65535)")
-        self.record = record
-        instance = _instance("agent", record.device, record.cluster)
-        info = ServiceInfo(SERVICE, f"{instance}.{SERVICE}",
-                           addresses=[_packed(record.host, "agent")], port=record.data_port,
-                           properties=record.properties(),
-                           server=_hostname("agent", record.cluster, record.device))
-        self._registration = _Registration(
-            info, interfaces, f"device {record.device!r} of cluster {record.cluster!r}")
+    _registration: _Registration
 
     def start(self, wait: bool = True) -> None:
-        """Register (probe, then announce); returns once peers can find the agent, or at
+        """Register (probe, then announce); returns once peers can find the record, or at
         once with ``wait=False`` (registration goes on in a thread; failures are logged)."""
         self._registration.start(wait)
 
@@ -216,7 +202,27 @@ class Advertiser:
         self.stop()
 
 
-class BrokerAdvertiser:
+class Advertiser(_Advertised):
+    """Advertises one agent as ``<device>@<cluster>._edgeswarm._tcp.local.``."""
+
+    def __init__(self, record: AgentRecord, interfaces: Sequence[str] | None = None) -> None:
+        topics.check_name(record.device, "device name")
+        topics.check_name(record.cluster, "cluster name")
+        for port, what in ((record.data_port, "data port"),
+                           (record.metrics_port, "metrics port")):
+            if port is not None and not 0 < port < 65536:
+                raise InvalidInput(f"{what} {port} is not a TCP port (1-65535)")
+        self.record = record
+        instance = _instance("agent", record.device, record.cluster)
+        info = ServiceInfo(SERVICE, f"{instance}.{SERVICE}",
+                           addresses=[_packed(record.host, "agent")], port=record.data_port,
+                           properties=record.properties(),
+                           server=_hostname("agent", record.cluster, record.device))
+        self._registration = _Registration(
+            info, interfaces, f"device {record.device!r} of cluster {record.cluster!r}")
+
+
+class BrokerAdvertiser(_Advertised):
     """Advertises a cluster's broker (``mqtt://`` or ``mqtts://``) as ``_mqtt._tcp.local.``."""
 
     def __init__(self, uri: str, cluster: str, interfaces: Sequence[str] | None = None) -> None:
@@ -234,20 +240,6 @@ class BrokerAdvertiser:
                            server=_hostname("broker", cluster, uri))
         self._registration = _Registration(info, interfaces,
                                            f"the broker of cluster {cluster!r}")
-
-    def start(self, wait: bool = True) -> None:
-        self._registration.start(wait)
-
-    def stop(self) -> None:
-        self._registration.stop()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
 
 
 def _port(text: str | None, what: str) -> int:
