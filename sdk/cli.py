@@ -18,7 +18,6 @@ from rich.markup import escape
 from rich.table import Table
 
 import edgeswarm
-from edgeswarm.bench.snn import bench_snn_cmd
 from edgeswarm.cli_agent import agent_cmd, bench_agent_cmd, devices_cmd, keygen_cmd
 from edgeswarm.cli_export import export_cmd
 from edgeswarm.cli_placement import bench_placement_cmd, place_cmd, simulate_cmd
@@ -100,7 +99,7 @@ def graph_cmd(model: str = typer.Argument(..., help="A zoo name (see 'edgeswarm 
 @app.command("compile")
 def compile_cmd(model: str = typer.Argument(..., help="A zoo name or an .onnx file."),
                 runtime: str = typer.Option(..., "--runtime", "-r",
-                                            help="torch | onnx | onnx-int8 | tflite-int8 | snn"),
+                                            help="torch | onnx | onnx-int8 | tflite-int8"),
                 output: Path = typer.Option(..., "--output", "-o", help="Artifact to write."),
                 scheme: str = typer.Option(
                     "auto", "--int8-scheme",
@@ -184,9 +183,6 @@ bench_app.command("agent")(bench_agent_cmd)
 app.command("testbed")(testbed_cmd)
 app.command("export")(export_cmd)
 
-
-# The spiking benchmark lives in bench/snn.py.
-bench_app.command("snn")(bench_snn_cmd)
 
 
 def _num(x: Any, digits: int) -> str:
