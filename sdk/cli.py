@@ -18,7 +18,9 @@ from rich.markup import escape
 from rich.table import Table
 
 import edgeswarm
+from edgeswarm.bench.snn import bench_snn_cmd
 from edgeswarm.cli_agent import agent_cmd, bench_agent_cmd, devices_cmd, keygen_cmd
+from edgeswarm.cli_e2e import bench_e2e_cmd
 from edgeswarm.cli_export import export_cmd
 from edgeswarm.cli_placement import bench_placement_cmd, place_cmd, simulate_cmd
 from edgeswarm.cli_testbed import testbed_cmd
@@ -99,7 +101,7 @@ def graph_cmd(model: str = typer.Argument(..., help="A zoo name (see 'edgeswarm 
 @app.command("compile")
 def compile_cmd(model: str = typer.Argument(..., help="A zoo name or an .onnx file."),
                 runtime: str = typer.Option(..., "--runtime", "-r",
-                                            help="torch | onnx | onnx-int8 | tflite-int8"),
+                                            help="torch | onnx | onnx-int8 | tflite-int8 | snn"),
                 output: Path = typer.Option(..., "--output", "-o", help="Artifact to write."),
                 scheme: str = typer.Option(
                     "auto", "--int8-scheme",
@@ -181,7 +183,11 @@ app.command("keygen")(keygen_cmd)
 bench_app.command("agent")(bench_agent_cmd)
 # The simulated edge testbed lives in cli_testbed.py.
 app.command("testbed")(testbed_cmd)
+# The end-to-end benchmark (a testbed, a deployment, kill -9) lives in cli_e2e.py.
+bench_app.command("e2e")(bench_e2e_cmd)
 app.command("export")(export_cmd)
+# The spiking benchmark lives in bench/snn.py.
+bench_app.command("snn")(bench_snn_cmd)
 
 
 

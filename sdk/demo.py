@@ -22,6 +22,9 @@ from edgeswarm.models.graph import extract
 from edgeswarm.models.runtimes import RUNTIMES, Executable, compile
 from edgeswarm.placement.errors import Error
 
+#: The tour's runtimes: the spiking runtime has its own benchmark (`edgeswarm bench snn`)
+#: and converts only ReLU chains, slowly.
+TOUR = tuple(rt for rt in RUNTIMES if rt != "snn")
 DEMO_MODEL = "scene-cnn"
 
 
@@ -33,13 +36,13 @@ def run_demo(out: Console, err: Console, model_name: str = DEMO_MODEL) -> None:
     skipped: dict[str, str] = {}
     with progress, tempfile.TemporaryDirectory(prefix="edgeswarm-demo-") as tmp:
         step = progress.add_task(f"loading {model_name} (trains on first use)",
-                                 total=2 + len(RUNTIMES))
+                                 total=2 + len(TOUR))
         model = zoo.load(model_name)
         progress.advance(step)
         progress.update(step, description="extracting the task graph")
         graph = extract(model.module, model.example_inputs, name=model.name)
         progress.advance(step)
-        for rt in RUNTIMES:
+        for rt in TOUR:
             progress.update(step, description=f"compiling for {rt}")
             try:
                 exes[rt] = compile(model_name, rt, output=Path(tmp) / f"{model_name}-{rt}")

@@ -6,8 +6,9 @@
 Runtimes: ``torch`` (fp32 eager), ``onnx`` (ONNX Runtime fp32), ``onnx-int8`` (ONNX
 Runtime int8: static QDQ calibrated on real data for float-input models, dynamic for
 token-input encoders, weight-only blocks for decoder LMs that ask for it),
-``tflite-int8`` (full-integer LiteRT model, run by the LiteRT interpreter). :func:`load`
-reopens an artifact with only its runtime library.
+``tflite-int8`` (full-integer LiteRT model, run by the LiteRT interpreter), ``snn``
+(a spiking network converted from a ReLU model, see :mod:`edgeswarm.models.spiking`).
+:func:`load` reopens an artifact with only its runtime library.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from edgeswarm.models.runtimes.base import Executable
 from edgeswarm.models.runtimes.onnx_quant import SCHEMES, Scheme
 from edgeswarm.placement.errors import InvalidInput, ModelFileError, UnknownModel
 
-RUNTIMES = ("torch", "onnx", "onnx-int8", "tflite-int8")
-SUFFIX = {"onnx": ".onnx", "onnx-int8": ".onnx", "tflite-int8": ".tflite"}
+RUNTIMES = ("torch", "onnx", "onnx-int8", "tflite-int8", "snn")
+SUFFIX = {"onnx": ".onnx", "onnx-int8": ".onnx", "tflite-int8": ".tflite", "snn": ".snn"}
 #: Node types that only an int8 ONNX file has (static QDQ, dynamic, weight-only).
 _INT8_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
                        "MatMulInteger", "QLinearConv", "QLinearMatMul", "MatMulNBits",
@@ -45,6 +46,7 @@ class _Source:
     free_dims: dict[str, tuple[int, ...]] = field(default_factory=dict)
     calibration: tuple[Any, ...] | None = None
     int8_scheme: str | None = None  # a zoo model's preference
+    heldout: tuple[Any, Any] | None = None  # a zoo model's labelled held-out data
 
 
 def compile(model: Any, runtime: str = "onnx", example_inputs: Sequence[Any] | None = None,
@@ -82,11 +84,19 @@ def compile(model: Any, runtime: str = "onnx", example_inputs: Sequence[Any] | N
                                src.output_names, src.free_dims)
     if runtime == "tflite-int8":
         return _compile_tflite(src, out, threads)
+    if runtime == "snn":
+        from edgeswarm.models.spiking.runtime import compile_snn
+
+        if src.module is None:
+            raise InvalidInput("runtime 'snn' converts a torch module (or zoo name); an ONNX "
+                               "file cannot be converted")
+        return compile_snn(src.module, src.calibration, out, src.heldout, src.input_names,
+                           src.output_names)
     return _compile_onnx(src, out, runtime, int8_scheme, threads)
 
 
 def load(path: str | Path, threads: int | None = None) -> Executable:
-    """Reopen a compiled artifact (``.onnx`` or ``.tflite``) with its runtime library."""
+    """Reopen a compiled artifact (``.onnx``, ``.tflite`` or ``.snn``) with its runtime."""
     p = Path(path)
     if not p.is_file():
         raise ModelFileError(f"model file {p} does not exist")
@@ -100,7 +110,12 @@ def load(path: str | Path, threads: int | None = None) -> Executable:
         from edgeswarm.models.runtimes.litert import LiteRTExecutable
 
         return LiteRTExecutable(p, threads=threads)
-    raise ModelFileError(f"{p}: unknown artifact type {p.suffix!r}; expected .onnx or .tflite")
+    if p.suffix == ".snn":
+        from edgeswarm.models.spiking.runtime import SnnExecutable
+
+        return SnnExecutable.open(p)
+    raise ModelFileError(f"{p}: unknown artifact type {p.suffix!r}; expected .onnx, .tflite "
+                         "or .snn")
 
 
 def _resolve(model: Any, example_inputs: Sequence[Any] | None, calibration: Sequence[Any] | None,
@@ -114,7 +129,7 @@ def _resolve(model: Any, example_inputs: Sequence[Any] | None, calibration: Sequ
             return _Source(z.name, z.module, None, z.example_inputs, z.input_names,
                            z.output_names, dict(z.dynamic_dims),
                            tuple(calibration) if calibration is not None else z.calibration,
-                           z.int8_scheme)
+                           z.int8_scheme, (z.heldout.inputs[0], z.heldout.labels))
         path = Path(text)
         if path.suffix == ".onnx" or path.exists():
             if not path.is_file():

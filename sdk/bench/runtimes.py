@@ -22,6 +22,9 @@ from edgeswarm.models.runtimes import RUNTIMES, Executable, compile
 from edgeswarm.models.runtimes.onnx_runtime import default_threads
 from edgeswarm.placement.errors import Error, InvalidInput
 
+#: Runtimes measured by default: the spiking runtime has its own benchmark (bench snn).
+DEFAULT_RUNTIMES = tuple(rt for rt in RUNTIMES if rt != "snn")
+
 log = logging.getLogger("edgeswarm.bench")
 
 SCORE_BATCH = 32
@@ -60,7 +63,7 @@ def run(models: Sequence[str] | None = None, runtimes: Sequence[str] | None = No
     with tempfile.TemporaryDirectory(prefix="edgeswarm-bench-") as tmp:
         base = workdir or Path(tmp)
         for name in models or zoo.names():
-            rows += _bench_model(name, list(runtimes or RUNTIMES), rounds, budget_s, say,
+            rows += _bench_model(name, list(runtimes or DEFAULT_RUNTIMES), rounds, budget_s, say,
                                  base / name)
     return {"results": [asdict(r) for r in rows], "models": _summaries(rows),
             "threads": threads}
