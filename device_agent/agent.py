@@ -9,7 +9,8 @@ heartbeats and telemetry and advertises itself through zeroconf. Then it serves 
 - ``ping`` is answered with a ``pong`` at once (in the MQTT thread);
 - ``deploy`` and ``teardown`` run one at a time on a worker thread, through
   :class:`~edgeswarm.device_agent.deployments.Deployments`, and are answered with
-  ``deployed``/``torn_down`` or an ``error`` event.
+  ``deployed``/``torn_down`` or an ``error`` event. That thread first imports what a
+  deploy needs (torch's gloo, ONNX Runtime): the agent announces itself without them.
 
 Bad input is the normal case on a network: every message that fails to unseal, and every
 authentic command that cannot be honoured (unknown deployment, wrong artifact hash), is
@@ -150,7 +151,9 @@ class Agent:
         self.deployments = Deployments(
             cfg.name, ArtifactStore(cfg.artifacts_dir or _cache_dir()), self.metrics,
             runtimes=self.profile.runtimes, speed=cfg.speed, data_host=cfg.data_host,
-            on_error=self._event)
+            # shards compute on the threads the profile was measured with, so the planner's
+            # FLOP/s are what they get (ONNX Runtime would otherwise take every core)
+            threads=profile.blas_threads(), on_error=self._event)
         self.probe = DataProbe(cfg.data_host, cfg.data_port)
         self._parts.append(self.probe)
         if cfg.metrics_port is not None:
@@ -309,6 +312,7 @@ class Agent:
 
     # -- deployments (worker thread) -------------------------------------------------
     def _work_loop(self) -> None:
+        self._preload()
         while not self._stop.is_set():
             item = self._work.get()
             if item is None:
@@ -336,6 +340,21 @@ class Agent:
                                        deployment=dep))
                 continue
             self._publish_state()  # the state lists the deployments
+
+    def _preload(self) -> None:
+        """Import what a deploy needs (torch's gloo, ONNX Runtime) once the agent is online,
+        so that its first deploy does not wait for them: ~2 s here, and that first deploy
+        is often a recovery, with requests waiting. Commands queue meanwhile."""
+        import importlib
+
+        modules = ["edgeswarm.device_agent.dataplane"]
+        if self.profile is not None and "onnx" in self.profile.runtimes:
+            modules += ["onnxruntime", "edgeswarm.models.runtimes.onnx_runtime"]
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except Exception as exc:  # the deploy that needs it reports the failure
+                log.debug("preloading %s failed: %s", name, exc)
 
     # -- heartbeats, telemetry, metrics ----------------------------------------------
     def _tick(self) -> None:

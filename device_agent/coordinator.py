@@ -244,7 +244,7 @@ class Coordinator:
                                       protocol.Teardown(deployment=manifest.deployment))
             raise DeployFailed(f"deployment {manifest.deployment!r} generation "
                                f"{manifest.generation} failed: "
-                               + _failures(errors, missing, timeout_s), errors, missing)
+                               + self._failures(errors, missing, timeout_s), errors, missing)
         if rank0 is not None:
             old = self._rank0.pop(manifest.deployment, None)
             self._rank0[manifest.deployment] = rank0
@@ -285,20 +285,35 @@ class Coordinator:
         missing = [d for d in devices if d not in replies]
         if errors or missing:
             raise DeployFailed(f"teardown of {deployment!r} failed: "
-                               + _failures(errors, missing, timeout_s), errors, missing)
+                               + self._failures(errors, missing, timeout_s), errors, missing)
         return {d: r for d, r in replies.items() if isinstance(r, TornDown)}
 
     # -- internals -------------------------------------------------------------------
     def _await_replies(self, deployment: str, devices: list[str], timeout_s: float,
                        final: Callable[[protocol.Model], bool]) -> dict[str, protocol.Model]:
+        """The final replies of ``devices``; returns once each device has answered or has
+        been lost or has left (a dead device never answers: waiting out the timeout for it
+        only delays the caller's retry), or after ``timeout_s``."""
         def done() -> bool:
             got = self._replies.get(deployment, {})
-            return all(d in got and final(got[d]) for d in devices)
+            gone = self._gone(devices)
+            return all((d in got and final(got[d])) or d in gone for d in devices)
 
         with self._cv:
             self._cv.wait_for(done, timeout_s)
             got = self._replies.pop(deployment, {})
         return {d: r for d, r in got.items() if d in devices and final(r)}
+
+    def _gone(self, devices: Sequence[str]) -> set[str]:
+        """Those of ``devices`` the membership knows as lost or left (not: never seen)."""
+        members = self._membership.members
+        return {d for d in devices if d in members and members[d].status != "online"}
+
+    def _failures(self, errors: dict[str, ErrorEvent], missing: list[str],
+                  timeout_s: float) -> str:
+        with self._cv:
+            gone = self._gone(missing)
+        return _failures(errors, missing, timeout_s, sorted(gone))
 
     def _apply(self, event: ms.Event) -> None:
         with self._cv:
@@ -397,8 +412,13 @@ class Coordinator:
             log.warning("device %s reports %s: %s", device, event.reason, event.detail)
 
 
-def _failures(errors: dict[str, ErrorEvent], missing: list[str], timeout_s: float) -> str:
+def _failures(errors: dict[str, ErrorEvent], missing: list[str], timeout_s: float,
+              offline: Sequence[str] = ()) -> str:
     parts = [f"{d}: {e.reason}: {e.detail}" for d, e in sorted(errors.items())]
-    if missing:
-        parts.append(f"no answer within {timeout_s:.1f} s from {', '.join(missing)}")
+    gone = [d for d in missing if d in offline]
+    silent = [d for d in missing if d not in offline]
+    if gone:
+        parts.append(f"{', '.join(gone)} went offline before answering (lost or left)")
+    if silent:
+        parts.append(f"no answer within {timeout_s:.1f} s from {', '.join(silent)}")
     return "; ".join(parts)

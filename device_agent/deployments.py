@@ -58,6 +58,7 @@ class Deployments:
 
     def __init__(self, device: str, store: ArtifactStore, metrics: AgentMetrics, *,
                  runtimes: list[str], speed: float = 1.0, data_host: str = "127.0.0.1",
+                 threads: int | None = None,
                  on_error: Callable[[ErrorEvent], None] = lambda _e: None) -> None:
         self.device = device
         self._store = store
@@ -66,6 +67,7 @@ class Deployments:
         if importlib.util.find_spec("safetensors") is not None:
             self._runtimes.add("safetensors")  # weights for a registered builder (never pickle)
         self._speed = speed
+        self._threads = threads  # of each shard's runtime; None: the runtime's default
         self._host = data_host
         self._on_error = on_error
         self._running: dict[str, _Running] = {}
@@ -96,7 +98,8 @@ class Deployments:
         files = {s.id: self._store.fetch(s.artifact) for s in shards}
         plane = open_plane(manifest, self.device, host=self._host)
         try:
-            executor = ShardExecutor(manifest, self.device, files, plane, speed=self._speed)
+            executor = ShardExecutor(manifest, self.device, files, plane, speed=self._speed,
+                                     threads=self._threads)
         except BaseException:
             _close_quietly(plane)
             raise
@@ -158,6 +161,10 @@ class Deployments:
             run.executor.serve(run.stop)  # returns on shutdown, stop, or a lost peer
             lost = run.executor.error
             if lost is not None and not run.stop.is_set():
+                # The pipeline is broken: leave the group now, so that the peers still
+                # waiting on this device (rank 0 for the last stage's output) fail at once
+                # rather than after the manifest's timeout, and the coordinator re-plans.
+                _close_quietly(run.plane)
                 self._on_error(ErrorEvent(reason="device_lost", detail=str(lost)[:2000],
                                           deployment=dep))
         except Exception as exc:

@@ -178,7 +178,10 @@ class ShardExecutor:
                     return
             except DeviceLost as exc:
                 log.warning("deployment %s: %s", self.deployment, exc)
-                self.error = exc
+                # a copy without the traceback: the failed operation's frames hold gloo's
+                # work objects, which keep the group's sockets open after plane.close(),
+                # so the peers waiting on this device would not learn that it left
+                self.error = DeviceLost(str(exc))
                 return
 
     def _compute(self, shard: Shard, inputs: Arrays) -> Arrays:

@@ -1,6 +1,7 @@
 """The device profile: what this device can do, measured when the agent starts.
 
-``measure`` times square matrix multiplies for a fraction of a second each and reads the
+``measure`` times square matrix multiplies for a fraction of a second each (the rate of the
+median multiply, so that passing load on the machine does not lower it) and reads the
 rest from the system:
 
 - ``flops``: fp32 matmul throughput through numpy's BLAS (torch is not imported: it takes
@@ -62,18 +63,27 @@ def installed_runtimes() -> list[str]:
 
 def _ops_per_second(step: Callable[[], object], ops: float, seconds: float,
                     clock: Clock) -> float:
-    """Run ``step`` (one warm-up, then until ``seconds`` pass) and return ``ops`` per second."""
+    """Run ``step`` (one warm-up, then until ``seconds`` pass) and return ``ops`` per second
+    of the median step.
+
+    The median, not the mean: a step is far shorter than a scheduler time slice, so on a
+    busy machine most steps run undisturbed and a few are stretched by preemption (other
+    processes starting, such as the other agents of a testbed spawned together). The mean
+    mixes in that passing load (measured here: 11 GFLOP/s for four agents starting on two
+    cores, against 104 GFLOP/s for the median step, alone or not); the median is the rate
+    at which the device computes while it has the CPU, which is what a shard gets.
+    """
     step()
-    start = clock()
-    runs = 0
-    elapsed = 0.0
-    while runs < MAX_REPEATS:
+    start = prev = clock()
+    steps: list[float] = []
+    while len(steps) < MAX_REPEATS:
         step()
-        runs += 1
-        elapsed = clock() - start
-        if elapsed >= seconds:
+        now = clock()
+        steps.append(now - prev)
+        prev = now
+        if now - start >= seconds:
             break
-    return ops * runs / max(elapsed, 1e-9)
+    return ops / max(float(np.median(steps)), 1e-12)
 
 
 def fp32_flops(seconds: float, clock: Clock = time.perf_counter) -> float:
@@ -135,6 +145,17 @@ def int8_ops(seconds: float, clock: Clock = time.perf_counter) -> tuple[float, s
             log.debug("torch._int_mm does not run here (%s)", exc)
     log.warning("int8 throughput not measured: neither onnxruntime nor torch._int_mm works")
     return 0.0, "none"
+
+
+def blas_threads() -> int:
+    """Threads the fp32 profile was measured with, and so the threads a shard should run on:
+    ``OMP_NUM_THREADS`` (or ``OPENBLAS_NUM_THREADS``) when set, as the testbed sets it for
+    each agent, else every core (numpy's BLAS default)."""
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(var, "").strip()
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return cores()
 
 
 def cores() -> int:

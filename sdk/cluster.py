@@ -8,8 +8,9 @@
 :class:`Cluster` wraps a :class:`~edgeswarm.device_agent.coordinator.Coordinator` (the
 signed MQTT control plane, the membership reducer) and turns what the agents report into
 the planner's vocabulary: each online device's measured profile becomes a placement
-``Device``; links come from the agents' emulated link table (the testbed) or are measured
-through each agent's data probe.
+``Device``; links are measured through each agent's data probe, and where an agent
+emulates a link (the testbed) its shape comes on top: the data plane sleeps the emulated
+delay and then sends on the real network, so a message pays both.
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ log = logging.getLogger("edgeswarm.sdk")
 #: Placement options for deployable plans: layer cuts only (tensor-parallel groups and
 #: codecs are planned by their own issues' code paths).
 DEPLOYABLE = Options(tp=False, codecs=False)
+
+#: Data-probe measurements per device (the best one stands for the link), and their size:
+#: a few MB, so that thread start-up and scheduling on a busy machine weigh little.
+PROBES = 3
+PROBE_BYTES = 4 << 20
 
 
 @dataclass
@@ -175,21 +181,28 @@ class Cluster:
         return Topology(devices, tuple(links))
 
     def link_to(self, state: DeviceState) -> LinkSpec:
-        """The link between the coordinator and a device."""
+        """The link between the coordinator and a device: the real path its data probe
+        measures, plus the emulated shape where the device emulates one."""
         shape = state.links.get(COORDINATOR) or state.links.get("*")
-        if shape is not None:
-            return LinkSpec(shape.bandwidth_Bps, shape.latency_s)
-        if state.device.id not in self._measured:
-            self._measured[state.device.id] = self.coordinator.measure_link(state.device.id)
-        return self._measured[state.device.id]
+        return _plus(self._probed(state), shape)
 
     def _link(self, a: DeviceState, b: DeviceState) -> LinkSpec:
-        shape = a.links.get(b.device.id) or a.links.get("*")
-        if shape is not None:
-            return LinkSpec(shape.bandwidth_Bps, shape.latency_s)
-        # a LAN without emulation: both ends' measured links to the coordinator bound it
-        la, lb = self.link_to(a), self.link_to(b)
-        return LinkSpec(min(la.bandwidth_Bps, lb.bandwidth_Bps), max(la.latency_s, lb.latency_s))
+        # the real path: both ends' measured links to the coordinator bound it
+        la, lb = self._probed(a), self._probed(b)
+        real = LinkSpec(min(la.bandwidth_Bps, lb.bandwidth_Bps), max(la.latency_s, lb.latency_s))
+        return _plus(real, a.links.get(b.device.id) or a.links.get("*"))
+
+    def _probed(self, state: DeviceState) -> LinkSpec:
+        """The measured link to a device (once per device): the best of
+        :data:`PROBES` probes, so that a probe slowed by other work on either end does not
+        stand for the link."""
+        device = state.device.id
+        if device not in self._measured:
+            probes = [self.coordinator.measure_link(device, nbytes=PROBE_BYTES)
+                      for _ in range(PROBES)]
+            self._measured[device] = LinkSpec(max(p.bandwidth_Bps for p in probes),
+                                              min(p.latency_s for p in probes))
+        return self._measured[device]
 
     def link_shapes(self, devices: Sequence[str]) -> dict[str, LinkShape]:
         """Manifest ``links`` for the emulated links among ``devices`` and the coordinator."""
@@ -236,6 +249,14 @@ class Cluster:
         if self._server is None:
             self._server = ArtifactServer(self._dir, host=self.data_host).start()
         return self._server
+
+
+def _plus(real: LinkSpec, shape: LinkShape | None) -> LinkSpec:
+    """``real`` with an emulated ``shape`` on top: latencies add, and so do seconds per byte."""
+    if shape is None:
+        return real
+    return LinkSpec(1.0 / (1.0 / shape.bandwidth_Bps + 1.0 / real.bandwidth_Bps),
+                    shape.latency_s + real.latency_s)
 
 
 def _key(key: bytes | str | Path | None) -> bytes:

@@ -10,8 +10,10 @@ When a device it uses is lost (kill -9, network gone, clean stop), the coordinat
 membership callback marks the deployment stale and recovery starts at once in the
 background: :func:`~edgeswarm.placement.replan.replan` on the devices left (few tasks
 move), only the stages that changed are exported, and the next generation is deployed.
-A request that was in flight when the device died fails on its gloo operation, waits for
-the recovery and is sent again; :meth:`run` returns only a result computed by a complete
+A request that was in flight when the device died fails on its gloo operation (the
+stages around a dead one leave their group, so the failure reaches rank 0 at once), waits
+for the membership to name the lost device (at most ``loss_wait_s``) and for the recovery,
+and is sent again; :meth:`run` returns only a result computed by a complete
 pipeline, and raises only after ``attempts`` tries.
 """
 
@@ -44,7 +46,13 @@ log = logging.getLogger("edgeswarm.sdk")
 
 @dataclass
 class Generation:
-    """One deployed generation: what ran where, why, and how fast it was predicted to be."""
+    """One deployed generation: what ran where, why, and how fast it was predicted to be.
+
+    Where its start-up went: ``plan_s`` (placing or re-planning; 0 for a plan given),
+    ``export_s`` (cutting the model and exporting the stages not cached yet), ``deploy_s``
+    (the devices fetching, loading and joining); ``ready_at`` is ``time.monotonic()`` when
+    it could take requests.
+    """
 
     number: int
     plan: Plan
@@ -54,6 +62,9 @@ class Generation:
     predicted_s: float
     tasks_moved: int = 0
     measured_s: list[float] = field(default_factory=list)
+    plan_s: float = 0.0
+    export_s: float = 0.0
+    ready_at: float = 0.0
 
     @property
     def measured_median_s(self) -> float:
@@ -65,28 +76,45 @@ class Deployment:
 
     def __init__(self, cluster: Cluster, model: Model, plan: Plan | None, *,
                  runtime: str = "onnx", policy: str = "gnn", timeout_s: float = 60.0,
-                 attempts: int = 4) -> None:
+                 attempts: int = 4, loss_wait_s: float = 2.0) -> None:
         self.cluster = cluster
         self.model = model
         self.runtime = runtime
         self.policy = policy
         self.timeout_s = timeout_s
         self.attempts = attempts
+        #: after a failed request, how long to wait for the membership to name the device
+        #: that was lost before re-planning (a dead peer breaks the gloo connection a few
+        #: milliseconds before the broker publishes its last will)
+        self.loss_wait_s = loss_wait_s
         self.id = f"{model.name}-{secrets.token_hex(3)}"
         self.generations: list[Generation] = []
         self.retries = 0
         self._lock = threading.RLock()
         self._stale = ""
+        self._lost = threading.Event()   # a device of the current generation is gone
         self._closed = False
         self._recovering: threading.Thread | None = None
         self._manifest: Manifest | None = None
         self._partition: Partition | None = None
+        self._out_bytes: int | None = None
         calib = model.calibration if runtime.endswith("int8") else None
         self._cache = ShardCache(cluster.artifact_server(), model.example_inputs, calib)
         self._examples = [_numpy(x) for x in model.example_inputs]
         cluster.coordinator.on_change(self._on_change)
         with self._lock:
-            self._start(plan or cluster.place(model, policy=policy), "initial plan")
+            t0 = time.perf_counter()
+            if plan is None:
+                plan = cluster.place(model, policy=policy)
+            self._start(plan, "initial plan", plan_s=time.perf_counter() - t0)
+        # load the re-planning policy now (the GNN's imports take ~1 s), not when a device
+        # is lost and requests wait for the recovery
+        from edgeswarm.placement.policies import policy as load_policy
+
+        try:
+            load_policy(policy)
+        except Error as exc:
+            log.warning("deployment %s will not be able to re-plan: %s", self.id, exc)
 
     # -- public ----------------------------------------------------------------------
     @property
@@ -118,6 +146,7 @@ class Deployment:
                     raise InvalidInput(f"deployment {self.id} is closed")
                 try:
                     if self._stale:
+                        self._await_loss()
                         self._recover()
                     t0 = time.perf_counter()
                     outs = self.cluster.coordinator.infer(self.id, arrays)
@@ -160,14 +189,16 @@ class Deployment:
         self.close()
 
     # -- generations -----------------------------------------------------------------
-    def _start(self, plan: Plan, reason: str, moved: int = 0) -> None:
+    def _start(self, plan: Plan, reason: str, moved: int = 0, plan_s: float = 0.0) -> None:
         from edgeswarm.models.partition import partition
 
         m = self.model
+        t0 = time.perf_counter()
         part = partition(m.module, m.example_inputs, plan, m.trace())
         devices = tuple(dict.fromkeys(part.devices))
         runtimes = self._runtimes(devices)
         artifacts = self._cache.artifacts(part, runtimes)
+        export_s = time.perf_counter() - t0
         number = (self.generations[-1].number + 1) if self.generations else 1
         coord = self.cluster.coordinator
         manifest = manifest_for(part, artifacts, runtimes, deployment=self.id, generation=number,
@@ -179,8 +210,10 @@ class Deployment:
         deploy_s = time.perf_counter() - t0
         old = self._manifest
         self._manifest, self._partition = manifest, part
+        self._lost.clear()
         self.generations.append(Generation(number, plan, devices, reason, deploy_s,
-                                           self._predict(plan, part), moved))
+                                           self._predict(plan, part), moved, plan_s=plan_s,
+                                           export_s=export_s, ready_at=time.monotonic()))
         log.info("deployment %s generation %d on %s (%s) in %.2f s", self.id, number,
                  ", ".join(devices), reason, deploy_s)
         if old is not None:  # devices of the old generation that the new one does not use
@@ -195,12 +228,28 @@ class Deployment:
 
     def _recover(self) -> None:
         """Re-plan on the devices online now and deploy the next generation."""
+        from edgeswarm.cluster import DEPLOYABLE
         from edgeswarm.placement.replan import replan
 
         why, self._stale = self._stale, ""
+        t0 = time.perf_counter()
         topology = self.cluster.topology()
-        result = replan(self.plan, self.model.graph, topology, policy=self.policy)
-        self._start(result.plan, why, result.tasks_moved)
+        # layer cuts only, as the first plan: this deployment cannot run tensor-parallel
+        # groups or codecs, which replan's default options may choose
+        result = replan(self.plan, self.model.graph, topology, policy=self.policy,
+                        opts=DEPLOYABLE)
+        self._start(result.plan, why, result.tasks_moved, time.perf_counter() - t0)
+
+    def _await_loss(self) -> None:
+        """After a failed request: give the membership up to ``loss_wait_s`` to report the
+        device that broke the pipeline, so that the re-plan leaves it out. Returns at once
+        when a device of this generation is already gone."""
+        if self._manifest is None:
+            return
+        used = [d for d in self._manifest.ranks if d != COORDINATOR]
+        online = {s.device.id for s in self.cluster.devices}
+        if all(d in online for d in used):
+            self._lost.wait(self.loss_wait_s)
 
     def _on_change(self, _m: ms.Membership, event: Any) -> None:
         if self._closed or self._manifest is None:
@@ -209,6 +258,7 @@ class Deployment:
         if isinstance(event, (ms.DeviceLost, ms.DeviceLeft)) and device in self._manifest.ranks:
             how = "lost" if isinstance(event, ms.DeviceLost) else "left"
             self._stale = f"device {device} {how}"
+            self._lost.set()
             t = threading.Thread(target=self._recover_now, daemon=True,
                                  name=f"edgeswarm-recover-{self.id}")
             t.start()
@@ -244,7 +294,9 @@ class Deployment:
         makespan = simulate(self.model.graph, topology, plan).makespan
         states = {s.device.id: s for s in self.cluster.devices}
         first, last = part.stages[0].device, part.stages[-1].device
-        out_bytes = sum(o.nbytes for o in self._example_outputs(part))
+        if self._out_bytes is None:  # the model's outputs: the same for every plan
+            self._out_bytes = sum(o.nbytes for o in self._example_outputs(part))
+        out_bytes = self._out_bytes
         total = makespan
         for device, nbytes in ((first, sum(x.nbytes for x in self._examples)),
                                (last, out_bytes)):
