@@ -39,7 +39,7 @@ from pydantic import Field, model_validator
 
 import edgeswarm
 from edgeswarm.device_agent import protocol, topics
-from edgeswarm.device_agent.control import ControlClient, TlsConfig
+from edgeswarm.device_agent.control import ConnectError, ControlClient, TlsConfig
 from edgeswarm.device_agent.deployments import Deployments, reason_of
 from edgeswarm.device_agent.manifest import LinkShape
 from edgeswarm.device_agent.metrics import AgentMetrics
@@ -56,6 +56,9 @@ from edgeswarm.device_agent.protocol import (
 from edgeswarm.placement.errors import Error, InvalidInput
 
 log = logging.getLogger("edgeswarm.agent")
+
+#: Tries at the first connection to the broker (a busy broker may drop one).
+CONNECT_ATTEMPTS = 3
 
 NAME = rf"^{topics.NAME_PATTERN}$"
 # Authentic commands refused for these reasons are answered with an ErrorEvent ("replayed"
@@ -163,12 +166,23 @@ class Agent:
         state_topic = topics.state(cfg.cluster, cfg.name)
         will = protocol.seal(self._key, state_topic, cfg.name, self._state("offline"),
                              self._clock())
-        self.control = ControlClient(
-            self.broker_uri, f"edgeswarm-{cfg.cluster}-{cfg.name}", key=self._key,
-            username=cfg.username, password=_read_password(cfg.password_file),
-            tls=cfg.tls(), will=(state_topic, will), clock=self._clock, sender=cfg.name)
-        self.control.subscribe(topics.cmd(cfg.cluster, cfg.name), self._on_command)
-        self.control.start()
+        for attempt in range(CONNECT_ATTEMPTS):
+            self.control = ControlClient(
+                self.broker_uri, f"edgeswarm-{cfg.cluster}-{cfg.name}", key=self._key,
+                username=cfg.username, password=_read_password(cfg.password_file),
+                tls=cfg.tls(), will=(state_topic, will), clock=self._clock, sender=cfg.name)
+            self.control.subscribe(topics.cmd(cfg.cluster, cfg.name), self._on_command)
+            try:
+                self.control.start()
+                break
+            except ConnectError as exc:
+                # a broker busy accepting many clients at once can drop one before its
+                # CONNACK (amqtt does); refused credentials or TLS fail the same way again
+                transient = "no CONNACK" in str(exc) or "cannot connect" in str(exc)
+                if attempt + 1 == CONNECT_ATTEMPTS or not transient:
+                    raise
+                log.warning("connecting to %s failed (%s); trying again", self.broker_uri, exc)
+        assert self.control is not None  # set by the loop, or it raised
         self._parts.append(self.control)
         self._publish_state(wait=True)
         self.control.on_connect(lambda: self._publish_state())  # the will may have fired
