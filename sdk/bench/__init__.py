@@ -1,3 +1,3 @@
 """Benchmarks: ``edgeswarm bench <area>`` measures this machine; nothing is cached."""
 
-AREAS = ("runtimes", "placement", "agent", "compression")
+AREAS = ("runtimes", "placement", "agent", "e2e", "snn")
