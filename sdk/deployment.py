@@ -233,6 +233,12 @@ class Deployment:
 
         why, self._stale = self._stale, ""
         t0 = time.perf_counter()
+        members = self.cluster.coordinator.membership.members
+        for d in self.devices:  # name the devices this generation loses, however noticed
+            member = members.get(d)
+            status = member.status if member is not None else "lost"
+            if status != "online" and f"device {d} " not in f"{why} ":
+                why = f"{why}; device {d} {status}"
         topology = self.cluster.topology()
         # layer cuts only, as the first plan: this deployment cannot run tensor-parallel
         # groups or codecs, which replan's default options may choose
