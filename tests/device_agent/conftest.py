@@ -3,8 +3,6 @@ a free loopback port, started per test and stopped afterwards; a TLS Mosquitto w
 certificates made by the ``openssl`` CLI; and a check that a test leaves no threads behind."""
 
 import subprocess
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,17 +51,3 @@ def mosquitto_tls(tls_files: TlsFiles) -> Iterator[Mosquitto]:
     with Mosquitto(tls=tls_files) as broker:
         yield broker
 
-
-@pytest.fixture
-def no_leaked_threads() -> Iterator[None]:
-    """Fail the test if threads it started are still alive shortly after it ends."""
-    before = set(threading.enumerate())
-    yield
-    deadline = time.monotonic() + 5.0
-    leaked: list[threading.Thread] = []
-    while time.monotonic() < deadline:
-        leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()]
-        if not leaked:
-            return
-        time.sleep(0.05)
-    pytest.fail(f"threads left running: {[t.name for t in leaked]}")
