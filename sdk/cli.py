@@ -20,6 +20,7 @@ from rich.table import Table
 import edgeswarm
 from edgeswarm.bench.snn import bench_snn_cmd
 from edgeswarm.cli_agent import agent_cmd, bench_agent_cmd, devices_cmd, keygen_cmd
+from edgeswarm.cli_compression import bench_compression_cmd
 from edgeswarm.cli_e2e import bench_e2e_cmd
 from edgeswarm.cli_export import export_cmd
 from edgeswarm.cli_placement import bench_placement_cmd, place_cmd, simulate_cmd
@@ -186,6 +187,8 @@ app.command("testbed")(testbed_cmd)
 # The end-to-end benchmark (a testbed, a deployment, kill -9) lives in cli_e2e.py.
 bench_app.command("e2e")(bench_e2e_cmd)
 app.command("export")(export_cmd)
+# The compression benchmark lives in cli_compression.py.
+bench_app.command("compression")(bench_compression_cmd)
 # The spiking benchmark lives in bench/snn.py.
 bench_app.command("snn")(bench_snn_cmd)
 
