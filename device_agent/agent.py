@@ -9,8 +9,10 @@ heartbeats and telemetry and advertises itself through zeroconf. Then it serves 
 - ``ping`` is answered with a ``pong`` at once (in the MQTT thread);
 - ``deploy`` and ``teardown`` run one at a time on a worker thread, through
   :class:`~edgeswarm.device_agent.deployments.Deployments`, and are answered with
-  ``deployed``/``torn_down`` or an ``error`` event. That thread first imports what a
-  deploy needs (torch's gloo, ONNX Runtime): the agent announces itself without them.
+  ``deployed``/``torn_down`` or an ``error`` event. That thread first waits for the
+  warm-up (:mod:`.warm_up`, at a lower CPU priority): the agent announces itself with the
+  fp32 profile the planner needs, then measures its int8 throughput (published in its
+  next state) and imports what a deploy needs (torch's gloo, ONNX Runtime).
 
 Bad input is the normal case on a network: every message that fails to unseal, and every
 authentic command that cannot be honoured (unknown deployment, wrong artifact hash), is
@@ -25,6 +27,7 @@ the data probe (``data_port``), the embedded broker and the metrics endpoint.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -53,12 +56,16 @@ from edgeswarm.device_agent.protocol import (
     Rejected,
     Teardown,
 )
+from edgeswarm.device_agent.warm_up import WarmUp
 from edgeswarm.placement.errors import Error, InvalidInput
 
 log = logging.getLogger("edgeswarm.agent")
 
 #: Tries at the first connection to the broker (a busy broker may drop one).
 CONNECT_ATTEMPTS = 3
+#: How much nicer the warm-up runs than the agent (:mod:`.warm_up`): at +10 a busy core
+#: gives it about a tenth of its time, and an idle one all of it.
+WARM_UP_NICE = 10
 
 NAME = rf"^{topics.NAME_PATTERN}$"
 # Authentic commands refused for these reasons are answered with an ErrorEvent ("replayed"
@@ -132,6 +139,10 @@ class Agent:
         self.deployments: Deployments | None = None
         self._started = self._stopped = False
         self._seq = 0
+        self._state_lock = threading.Lock()
+        self._offline = False   # the "offline" state is published: the agent is stopping
+        self._warm = WarmUp(self._warm_up_steps(), nice=WARM_UP_NICE,
+                            name=f"edgeswarm-warm-up-{config.name}")
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
@@ -150,7 +161,9 @@ class Agent:
         from edgeswarm.device_agent.artifacts import ArtifactStore
 
         cfg = self.config
-        self.profile = profile.measure(cfg.name, speed=cfg.speed, seconds=cfg.profile_s)
+        # int8 is measured after the announcement, in the warm-up (_warm_up_steps)
+        self.profile = profile.measure(cfg.name, speed=cfg.speed, seconds=cfg.profile_s,
+                                       measure_int8=False)
         self.deployments = Deployments(
             cfg.name, ArtifactStore(cfg.artifacts_dir or _cache_dir()), self.metrics,
             runtimes=self.profile.runtimes, speed=cfg.speed, data_host=cfg.data_host,
@@ -185,7 +198,8 @@ class Agent:
         assert self.control is not None  # set by the loop, or it raised
         self._parts.append(self.control)
         self._publish_state(wait=True)
-        self.control.on_connect(lambda: self._publish_state())  # the will may have fired
+        # after a reconnect: the will may have fired while the connection was down
+        self.control.on_connect(lambda: self._publish_state(lock_timeout_s=1.0))
         for target, name in ((self._tick, "beat"), (self._work_loop, "work")):
             t = threading.Thread(target=target, daemon=True, name=f"edgeswarm-{name}-{cfg.name}")
             t.start()
@@ -248,6 +262,7 @@ class Agent:
                 log.warning("could not publish the offline state: %s", exc)
         self._stop.set()
         self._work.put(None)
+        self._warm.stop()   # a process must not exit in the middle of importing torch
         for t in self._threads:
             t.join(5)
         if self.deployments is not None:
@@ -289,11 +304,25 @@ class Agent:
                            heartbeat_s=self.config.heartbeat_s, deployments=self._ids(),
                            links=self.config.links)
 
-    def _publish_state(self, status: str = "online", wait: bool = False) -> None:
+    def _publish_state(self, status: str = "online", wait: bool = False,
+                       lock_timeout_s: float = -1) -> None:
+        """Publish the retained state. Once "offline" is out, no thread (the warm-up, a
+        deploy ending) may publish "online" again. With ``lock_timeout_s`` (paho's thread,
+        after a reconnect) the publish is skipped if another thread holds the state that
+        long: that is stop() waiting for "offline" to be acknowledged, which paho's thread
+        itself would have to deliver."""
         assert self.control is not None
         cfg = self.config
-        self.control.publish(topics.state(cfg.cluster, cfg.name), self._state(status),
-                             retain=True, wait=wait)
+        if not self._state_lock.acquire(timeout=lock_timeout_s):
+            return
+        try:
+            if self._offline:
+                return
+            self._offline = status == "offline"
+            self.control.publish(topics.state(cfg.cluster, cfg.name), self._state(status),
+                                 retain=True, wait=wait)
+        finally:
+            self._state_lock.release()
 
     def _event(self, body: Model) -> None:
         assert self.control is not None
@@ -326,7 +355,9 @@ class Agent:
 
     # -- deployments (worker thread) -------------------------------------------------
     def _work_loop(self) -> None:
-        self._preload()
+        self._warm.start()
+        while not self._warm.wait(0.1) and not self._stop.is_set():
+            pass
         while not self._stop.is_set():
             item = self._work.get()
             if item is None:
@@ -355,20 +386,40 @@ class Agent:
                 continue
             self._publish_state()  # the state lists the deployments
 
-    def _preload(self) -> None:
-        """Import what a deploy needs (torch's gloo, ONNX Runtime) once the agent is online,
-        so that its first deploy does not wait for them: ~2 s here, and that first deploy
-        is often a recovery, with requests waiting. Commands queue meanwhile."""
+    def _warm_up_steps(self) -> list[Any]:
+        """What the agent does once it is online (:mod:`.warm_up`): measure the profile's
+        int8 throughput and publish it, then import what a deploy needs (torch's gloo, ONNX
+        Runtime), so that the first deploy does not wait for them: ~2 s here, and that
+        first deploy is often a recovery, with requests waiting. Commands queue meanwhile."""
+        return [self._measure_int8,
+                functools.partial(self._preload, "edgeswarm.device_agent.dataplane"),
+                *(functools.partial(self._preload, m, runtime="onnx")
+                  for m in ("onnxruntime", "edgeswarm.models.runtimes.onnx_runtime"))]
+
+    def _preload(self, module: str, runtime: str | None = None) -> None:
+        """Import ``module`` (if this device has ``runtime``); a failure is the deploy's to
+        report."""
         import importlib
 
-        modules = ["edgeswarm.device_agent.dataplane"]
-        if self.profile is not None and "onnx" in self.profile.runtimes:
-            modules += ["onnxruntime", "edgeswarm.models.runtimes.onnx_runtime"]
-        for name in modules:
-            try:
-                importlib.import_module(name)
-            except Exception as exc:  # the deploy that needs it reports the failure
-                log.debug("preloading %s failed: %s", name, exc)
+        if runtime is not None and (self.profile is None or runtime not in self.profile.runtimes):
+            return
+        try:
+            importlib.import_module(module)
+        except Exception as exc:
+            log.debug("preloading %s failed: %s", module, exc)
+
+    def _measure_int8(self) -> None:
+        """Complete the profile with its int8 throughput and publish the new state."""
+        from edgeswarm.device_agent import profile
+
+        if self.profile is None or self._stop.is_set():
+            return
+        try:
+            self.profile = profile.with_int8(self.profile, seconds=self.config.profile_s / 2)
+            if not self._stop.is_set():
+                self._publish_state()
+        except Exception as exc:  # the profile stays as announced (int8_ops 0.0)
+            log.warning("measuring int8 throughput failed: %s", exc)
 
     # -- heartbeats, telemetry, metrics ----------------------------------------------
     def _tick(self) -> None:

@@ -4,8 +4,9 @@ Pipeline stages exchange activations point to point and tensor-parallel groups a
 over ``torch.distributed``'s gloo backend. The coordinator hosts the rendezvous
 (:class:`StoreHost`, a ``TCPStore``); every device of a deployment generation builds a
 :class:`DataPlane` on it. The process group is built directly under the store prefix
-``gen/<generation>`` rather than through ``init_process_group``, so several generations
-(an old deployment draining while its replacement starts) live side by side in one process.
+``<deployment>/gen/<generation>`` rather than through ``init_process_group``, so several
+generations (an old deployment draining while its replacement starts) and several
+deployments of one coordinator live side by side in one process and one store.
 
 A message is :mod:`.wire` bytes in one or two gloo messages. The receiver always posts a
 64 KiB first chunk (gloo accepts a shorter message into a larger receive): the total length
@@ -54,12 +55,19 @@ log = logging.getLogger("edgeswarm.agent.dataplane")
 #: gloo tags: a message's first chunk on ``tag``, the rest (if any) on ``tag + 1``.
 _DATA_TAG = 0
 _STAR_TAG = 2
+_DIRECT_TAG = 4
+#: Unframed all-reduce messages travel on this tag plus their byte count, so a receive
+#: posted ahead for one size never meets a message of another.
+_RAW_TAG = 1 << 20
+_RAW_MAX = 1 << 30
+#: Receives for unframed messages up to this size are posted ahead, for the next call.
+_RAW_PREPOST = 4 << 20
 #: The first chunk of a message: its total length, then up to _INLINE - 8 of its bytes.
 _INLINE = 64 * 1024
 _PREFIX = struct.Struct("<q")
 #: The longest wait gloo is asked for (a timedelta of "forever" overflows its milliseconds).
 _MAX_WAIT_S = 30 * 24 * 3600.0
-ALGORITHMS = ("gloo", "star")
+ALGORITHMS = ("gloo", "star", "direct")
 #: dtypes gloo all-reduces (numpy names); "star" sums any numeric dtype of the wire.
 _GLOO_DTYPES = frozenset({"float32", "float16", "int8", "uint8", "int32", "int64"})
 #: A gloo process group, typed loosely: torch's stubs leave out its operations (send, recv,
@@ -141,6 +149,11 @@ class StoreHost:
         self.close()
 
 
+def store_prefix(deployment: str, generation: int) -> str:
+    """The store prefix one deployment generation's process group rendezvouses under."""
+    return f"{deployment}/gen/{generation}"
+
+
 class DataPlane:
     """One device's end of one deployment generation's gloo process group.
 
@@ -155,7 +168,7 @@ class DataPlane:
     def __init__(self, store_host: str, store_port: int, rank: int, world_size: int,
                  generation: int, timeout_s: float = 10.0,
                  shaping: Mapping[int, Shaping] | None = None, *, host: str | None = None,
-                 join_timeout_s: float | None = None,
+                 join_timeout_s: float | None = None, deployment: str = "",
                  sleep: Callable[[float], None] = time.sleep) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise InvalidInput(f"rank {rank} is not in a world of size {world_size}")
@@ -178,6 +191,8 @@ class DataPlane:
         self._groups: dict[tuple[int, ...], _Gloo] = {}
         #: (src, tag) -> the first-chunk buffer and receive posted for the next message
         self._posted: dict[tuple[int, int], tuple[np.ndarray, Any]] = {}
+        #: (src, bytes) -> the buffer and receive posted for its next unframed part
+        self._raw_posted: dict[tuple[int, int], tuple[torch.Tensor, Any]] = {}
         self._where = f"{store_host}:{store_port}"
         try:
             store = TCPStore(store_host, store_port, None, False, _seconds(join_s),
@@ -186,7 +201,8 @@ class DataPlane:
             raise DeviceLost(f"cannot reach the data-plane store at {self._where} (rank 0, "
                              f"the coordinator) within {join_s} s: {_first_line(exc)}"
                              ) from None
-        self._root: Store | None = PrefixStore(f"gen/{generation}", store)
+        # the deployment scopes the keys: every deployment numbers its generations from 1
+        self._root: Store | None = PrefixStore(store_prefix(deployment, generation), store)
         self._pg: _Gloo | None = self._gloo(self._root, rank, world_size,
                                             f"generation {generation}")
         log.debug("rank %d/%d joined generation %d on %s", rank, world_size, generation,
@@ -213,13 +229,24 @@ class DataPlane:
     # -- all-reduce --------------------------------------------------------------------
 
     def all_reduce(self, array: np.ndarray, group: Sequence[int],
-                   algorithm: str = "gloo") -> np.ndarray:
+                   algorithm: str = "gloo", framed: bool = True) -> np.ndarray:
         """The element-wise sum of ``array`` over the ranks of ``group`` (this one included).
 
         Every member calls it with the same ``group`` and ``algorithm``. "gloo": gloo's
-        all-reduce on a sub-group (created by the first call, then reused); "star": the
-        members send to ``group[0]``, which sums and sends the result back (point to point,
-        shaped like any send).
+        all-reduce on a sub-group (created by the first call, then reused; on shaped links
+        each rank first sleeps its ring's link time, ``2 (k - 1)`` hops of ``1/k`` of the
+        bytes); "star": the members send to ``group[0]``, which sums and sends the result
+        back (so put the fastest member first); "direct": every member sends its part to
+        every other and sums what arrives: one message delay instead of the star's two,
+        ``k - 1`` messages out of each member. Star and direct are point to point, shaped
+        like any send; every member gets the same bits (direct sums in ``group`` order).
+
+        ``framed=False`` (star, direct): the parts travel as raw tensor bytes, with no
+        :mod:`.wire` header, into receives posted ahead for their exact size: for members
+        that run the same program, whose shapes agree by construction (a tensor-parallel
+        group), it halves the cost of a small all-reduce. A member whose tensor has another
+        size is then noticed by the timeout (DeviceLost), not by a ProtocolError, and one
+        of the same size but another shape is not noticed at all.
         """
         members = tuple(group)
         if len(set(members)) != len(members) or self.rank not in members:
@@ -236,13 +263,22 @@ class DataPlane:
                                f"{', '.join(sorted(_GLOO_DTYPES))}")
         if len(members) == 1:
             return a.copy()
+        if not framed and algorithm != "gloo" and 0 < a.nbytes <= _RAW_MAX:
+            return self._raw(np.ascontiguousarray(a), members, algorithm == "star")
         if algorithm == "star":
             return self._star(a, members)
+        if algorithm == "direct":
+            return self._direct(a, members)
         if a.dtype.name not in _GLOO_DTYPES:
             raise InvalidInput(f"gloo cannot all-reduce {a.dtype}: use one of "
                                f"{', '.join(sorted(_GLOO_DTYPES))} or algorithm='star'")
-        pg = self._group(tuple(sorted(members)))
+        ring = tuple(sorted(members))
+        pg = self._group(ring)
         t = torch.from_numpy(np.array(a, copy=True))
+        link = self._shaping.get(ring[(ring.index(self.rank) + 1) % len(ring)])
+        if link is not None:  # emulate the ring's hops on this rank's outgoing link
+            k = len(ring)
+            self._sleep(2 * (k - 1) * link.delay_s(a.nbytes // k))
         with self._failure(f"all-reduce over ranks {list(members)}"):
             pg.allreduce([t]).wait(_seconds(self.timeout_s))
         return t.numpy()
@@ -255,13 +291,101 @@ class DataPlane:
         total = a.copy()
         for m in members[1:]:
             total += self._one_like(a, m)
-        raw = wire.encode([total], 0)
-        for m in members[1:]:
-            self._send_bytes(raw, m, _STAR_TAG)
+        self._send_all(wire.encode([total], 0), members[1:], _STAR_TAG)
         return total
 
-    def _one_like(self, a: np.ndarray, src: int) -> np.ndarray:
-        _, arrays = wire.decode(self._recv_bytes(src, _STAR_TAG, None))
+    def _direct(self, a: np.ndarray, members: tuple[int, ...]) -> np.ndarray:
+        peers = [m for m in members if m != self.rank]
+        for m in peers:  # every member sends before it receives: post the receives first
+            if (m, _DIRECT_TAG) not in self._posted:
+                self._posted[(m, _DIRECT_TAG)] = self._post(m, _DIRECT_TAG)
+        parts = {self.rank: a}
+        with self._sending(wire.encode([a], 0), peers, _DIRECT_TAG):
+            for m in peers:
+                parts[m] = self._one_like(a, m, _DIRECT_TAG)
+        total = parts[members[0]].copy()
+        for m in members[1:]:
+            total += parts[m]
+        return total
+
+    def _raw(self, a: np.ndarray, members: tuple[int, ...], star: bool) -> np.ndarray:
+        """Star (through ``members[0]``) or direct all-reduce of unframed tensors.
+
+        Lean on purpose: a decoding step runs 61 of these, and each layer of Python here
+        is on the critical path of both ends (one ``try`` instead of context managers).
+        """
+        pg = self._plane()
+        mine = torch.from_numpy(a)
+        n = mine.nbytes
+        root = members[0]
+        peers = [m for m in members if m != self.rank]
+        wait = _seconds(self.timeout_s)
+        peer = root  # the one being waited for, for the error message
+        try:
+            if star and self.rank != root:
+                self._raw_ready(pg, root, n)
+                self._raw_shape([root], n)
+                pg.send([mine.reshape(-1).view(torch.uint8)], root, _RAW_TAG + n).wait(wait)
+                out = self._raw_take(pg, root, n, wait)
+                self.bytes_sent += n
+                return out.view(mine.dtype).view(mine.shape).numpy()
+            for m in peers:
+                self._raw_ready(pg, m, n)
+            if star:
+                total = mine.clone()
+                for peer in peers:
+                    total += self._raw_take(pg, peer, n, wait).view(mine.dtype).view(mine.shape)
+                self._raw_shape(peers, n)
+                sends = [pg.send([total.reshape(-1).view(torch.uint8)], m, _RAW_TAG + n)
+                         for m in peers]
+            else:
+                self._raw_shape(peers, n)
+                sends = [pg.send([mine.reshape(-1).view(torch.uint8)], m, _RAW_TAG + n)
+                         for m in peers]
+                parts = {self.rank: mine}
+                for peer in peers:
+                    parts[peer] = self._raw_take(pg, peer, n, wait).view(mine.dtype).view(
+                        mine.shape)
+                total = parts[members[0]].clone()
+                for m in members[1:]:
+                    total += parts[m]
+            for i, work in enumerate(sends):
+                peer = peers[i]
+                work.wait(wait)
+        except RuntimeError as exc:
+            line = _first_line(exc)
+            why = ("no answer within the timeout" if "Timed out" in line
+                   else "the connection closed")
+            raise DeviceLost(f"all-reduce with rank {peer} failed in generation "
+                             f"{self.generation}: {why} ({line}); the device died or is "
+                             "unreachable: redeploy without it") from exc
+        self.bytes_sent += n * len(peers)
+        return total.numpy()
+
+    def _raw_ready(self, pg: Any, src: int, nbytes: int) -> None:
+        """Make sure a receive for ``src``'s next unframed part of ``nbytes`` is posted."""
+        if (src, nbytes) not in self._raw_posted:
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+            self._raw_posted[(src, nbytes)] = (buf, pg.recv([buf], src, _RAW_TAG + nbytes))
+
+    def _raw_take(self, pg: Any, src: int, nbytes: int, wait: timedelta) -> torch.Tensor:
+        """``src``'s next part (bytes), its receive for the one after posted already."""
+        buf, work = self._raw_posted.pop((src, nbytes))
+        work.wait(wait)
+        if nbytes <= _RAW_PREPOST:  # the next one is most likely the same size
+            self._raw_ready(pg, src, nbytes)
+        self.bytes_received += nbytes
+        return buf
+
+    def _raw_shape(self, dsts: Sequence[int], nbytes: int) -> None:
+        """Shaped links: one sleep of the slowest link's delay (they carry side by side)."""
+        if self._shaping:
+            links = [link for link in (self._shaping.get(d) for d in dsts) if link is not None]
+            if links:
+                self._sleep(max(link.delay_s(nbytes) for link in links))
+
+    def _one_like(self, a: np.ndarray, src: int, tag: int = _STAR_TAG) -> np.ndarray:
+        _, arrays = wire.decode(self._recv_bytes(src, tag, None))
         if len(arrays) != 1 or arrays[0].shape != a.shape or arrays[0].dtype != a.dtype:
             got = ", ".join(f"{x.dtype}{list(x.shape)}" for x in arrays)
             raise ProtocolError(f"all-reduce: rank {src} sent [{got}], expected one "
@@ -278,6 +402,7 @@ class DataPlane:
         self._pg, self._root = None, None
         self._groups.clear()
         self._posted.clear()
+        self._raw_posted.clear()
 
     def __enter__(self) -> DataPlane:
         return self
@@ -340,20 +465,39 @@ class DataPlane:
                              "the device died or is unreachable: redeploy without it") from exc
 
     def _send_bytes(self, raw: bytes, dst: int, tag: int) -> None:
+        with self._sending(raw, [dst], tag):
+            pass
+
+    def _send_all(self, raw: bytes, dsts: Sequence[int], tag: int) -> None:
+        with self._sending(raw, dsts, tag):
+            pass
+
+    @contextmanager
+    def _sending(self, raw: bytes, dsts: Sequence[int], tag: int) -> Iterator[None]:
+        """Send ``raw`` to every rank of ``dsts`` while the body runs; wait for the sends
+        at the end (a peer that sends to us before it receives needs our receive first).
+
+        Shaped links carry their messages side by side, as the cost model has it
+        (``placement.problem.allreduce_times``): one sleep of the slowest link's delay.
+        """
         pg = self._plane()
-        link = self._shaping.get(dst)
-        if link is not None:
-            self._sleep(link.delay_s(len(raw)))
+        links = [link for link in (self._shaping.get(d) for d in dsts) if link is not None]
+        if links:
+            self._sleep(max(link.delay_s(len(raw)) for link in links))
         head = min(len(raw), _INLINE - _PREFIX.size)
         first = bytearray(_PREFIX.pack(len(raw))) + raw[:head]
         chunks = [torch.frombuffer(first, dtype=torch.uint8)]
         if head < len(raw):
             chunks.append(torch.frombuffer(bytearray(memoryview(raw)[head:]), dtype=torch.uint8))
-        with self._failure(f"send to rank {dst}"):
-            works: list[Any] = [pg.send([c], dst, tag + i) for i, c in enumerate(chunks)]
-            for work in works:
+        works: list[tuple[int, Any]] = []
+        with self._failure(f"send to rank {', '.join(map(str, dsts))}"):
+            for dst in dsts:
+                works += [(dst, pg.send([c], dst, tag + i)) for i, c in enumerate(chunks)]
+        yield
+        for dst, work in works:
+            with self._failure(f"send to rank {dst}"):
                 work.wait(_seconds(self.timeout_s))
-        self.bytes_sent += len(raw)
+        self.bytes_sent += len(raw) * len(dsts)
 
     def _post(self, src: int, tag: int) -> tuple[np.ndarray, Any]:
         """Post a receive for the first chunk of the next message from ``src``."""

@@ -27,6 +27,8 @@ from edgeswarm.device_agent.artifacts import ArtifactStore
 from edgeswarm.device_agent.manifest import Manifest
 from edgeswarm.device_agent.metrics import AgentMetrics
 from edgeswarm.device_agent.protocol import Deployed, ErrorEvent, Rejected, ShardStats
+from edgeswarm.device_agent.shard_codecs import artifacts as codec_artifacts
+from edgeswarm.device_agent.shard_codecs import file_key as codec_file
 from edgeswarm.placement.errors import DeviceLost, Error, RuntimeNotAvailable
 
 log = logging.getLogger("edgeswarm.agent.deployments")
@@ -96,6 +98,7 @@ class Deployments:
                                       f"{', '.join(missing)} (it has "
                                       f"{', '.join(sorted(self._runtimes))})")
         files = {s.id: self._store.fetch(s.artifact) for s in shards}
+        files.update({codec_file(a): self._store.fetch(a) for a in codec_artifacts(shards)})
         plane = open_plane(manifest, self.device, host=self._host)
         try:
             executor = ShardExecutor(manifest, self.device, files, plane, speed=self._speed,

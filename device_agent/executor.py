@@ -7,6 +7,7 @@ from one local shard to a later one without the network. With ``tp_group`` set, 
 output is summed over the group (a tensor-parallel shard holds a partial result).
 
 Shards load by runtime: ``onnx``/``onnx-int8`` in ONNX Runtime, ``tflite-int8`` in LiteRT,
+``snn`` (a spiking network, :mod:`edgeswarm.models.spiking`) in the spiking executor,
 ``safetensors``/``torch`` through a registered builder that gets the weights (read with
 ``safetensors.numpy``: nothing is ever unpickled) and the shard's JSON ``params``.
 
@@ -16,6 +17,7 @@ forwards it to the ranks its remaining shards send to and stops.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import threading
@@ -23,6 +25,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,7 @@ from edgeswarm.device_agent import wire
 from edgeswarm.device_agent.dataplane import DataPlane, Shaping
 from edgeswarm.device_agent.manifest import Manifest, Shard
 from edgeswarm.device_agent.protocol import ShardStats
+from edgeswarm.device_agent.shard_codecs import ShardCodecs
 from edgeswarm.placement.errors import (
     DeviceLost,
     InvalidInput,
@@ -52,9 +56,26 @@ BUILDERS: dict[str, Builder] = {}
 
 def register_builder(name: str, fn: Builder) -> None:
     """Make ``fn`` the builder that manifests name ``name``."""
-    if BUILDERS.get(name, fn) is not fn:
+    if BUILDERS.get(name, fn) is not fn or name in GROUP_BUILDERS:
         raise InvalidInput(f"builder {name!r} is already registered; pick another name")
     BUILDERS[name] = fn
+
+
+#: A tensor-parallel member: fn(weights, params, plane, tp_group) -> run(inputs). The run
+#: all-reduces with the group itself (several times per request), so the executor does not
+#: sum its outputs.
+GroupBuilder = Callable[[dict[str, np.ndarray], dict[str, Any], DataPlane, list[int]], Run]
+GROUP_BUILDERS: dict[str, GroupBuilder] = {}
+#: Modules that register the builders of edgeswarm's own shard kinds, imported on first use.
+_BUILDER_MODULES = {"tp-llama": "edgeswarm.models.tp.deploy",
+                    "tp-bert": "edgeswarm.models.tp.deploy"}
+
+
+def register_group_builder(name: str, fn: GroupBuilder) -> None:
+    """Make ``fn`` the tensor-parallel member builder that manifests name ``name``."""
+    if GROUP_BUILDERS.get(name, fn) is not fn or name in BUILDERS:
+        raise InvalidInput(f"builder {name!r} is already registered; pick another name")
+    GROUP_BUILDERS[name] = fn
 
 
 def shaping(manifest: Manifest, device: str) -> dict[int, Shaping]:
@@ -71,7 +92,8 @@ def open_plane(manifest: Manifest, device: str, host: str | None = None) -> Data
     """Join the manifest's generation as ``device`` (blocks until every rank joined)."""
     return DataPlane(manifest.store_host, manifest.store_port, manifest.rank_of(device),
                      manifest.world_size, manifest.generation, manifest.timeout_s,
-                     shaping=shaping(manifest, device), host=host)
+                     shaping=shaping(manifest, device), host=host,
+                     deployment=manifest.deployment)
 
 
 @dataclass
@@ -119,7 +141,8 @@ class ShardExecutor:
         self._sleep = sleep
         self._lock = threading.Lock()
         self._counters = {s.id: _Counters() for s in self.shards}
-        self._runs = {s.id: _load(s, files, threads) for s in self.shards}
+        self._runs = {s.id: _load(s, files, threads, plane) for s in self.shards}
+        self._codecs = {s.id: ShardCodecs.load(s, files) for s in self.shards}
 
     @property
     def stats(self) -> dict[str, ShardStats]:
@@ -152,16 +175,23 @@ class ShardExecutor:
                                         f"while serving request {request}: the stages are "
                                         "out of step; redeploy")
                 request = rid
-                inputs += arrays
+                coded = self._codecs[shard.id]
+                inputs += (arrays if coded.recv is None else
+                           self._timed(shard, partial(coded.decode, arrays, len(inputs))))
             outputs = self._compute(shard, inputs)
-            if shard.tp_group:
+            if shard.tp_group and shard.builder not in GROUP_BUILDERS:
                 outputs = [self.plane.all_reduce(o, shard.tp_group) for o in outputs]
+            wired: Arrays | None = None  # the outputs as they go to other ranks
             for dst in shard.send_to:
                 if dst == self.rank:
                     local.append(outputs)
                     continue
                 assert request is not None  # _check_wiring: the first input is remote
-                sent = self.plane.send(outputs, dst, request)
+                if wired is None:
+                    coded = self._codecs[shard.id]
+                    wired = (outputs if coded.send is None else
+                             self._timed(shard, partial(coded.encode, outputs)))
+                sent = self.plane.send(wired, dst, request)
                 with self._lock:
                     count.bytes_out += sent
         self.requests += 1
@@ -185,18 +215,24 @@ class ShardExecutor:
                 return
 
     def _compute(self, shard: Shard, inputs: Arrays) -> Arrays:
+        outputs = self._timed(shard, lambda: self._runs[shard.id](inputs))
+        with self._lock:
+            self._counters[shard.id].runs += 1
+        return list(outputs)
+
+    def _timed(self, shard: Shard, step: Callable[[], Arrays]) -> Arrays:
+        """Run ``step`` (the shard, or a codec of its edges) as this device's compute: an
+        emulated slower device stretches it by 1/speed; counted in ``compute_s``."""
         start = self._clock()
-        outputs = self._runs[shard.id](inputs)
+        out = step()
         took = self._clock() - start
         if self.speed < 1:
             extra = took * (1 / self.speed - 1)
             self._sleep(extra)
             took += extra
         with self._lock:
-            count = self._counters[shard.id]
-            count.runs += 1
-            count.compute_s += took
-        return list(outputs)
+            self._counters[shard.id].compute_s += took
+        return out
 
     def _forward_shutdown(self, first: int) -> None:
         """Pass the shutdown on to every rank that shards ``first``.. would have fed."""
@@ -224,7 +260,8 @@ def _check_wiring(shards: list[Shard], rank: int) -> None:
         queued += shard.send_to.count(rank)
 
 
-def _load(shard: Shard, files: Mapping[str, Path], threads: int | None) -> Run:
+def _load(shard: Shard, files: Mapping[str, Path], threads: int | None,
+          plane: DataPlane) -> Run:
     path = files.get(shard.id)
     if path is None:
         raise InvalidInput(f"no artifact file for shard {shard.id!r}: fetch it first")
@@ -236,10 +273,26 @@ def _load(shard: Shard, files: Mapping[str, Path], threads: int | None) -> Run:
         from edgeswarm.models.runtimes.litert import LiteRTExecutable
 
         return LiteRTExecutable(Path(path), threads=threads).run
-    builder = BUILDERS.get(shard.builder or "")
+    if shard.runtime == "snn":  # a whole converted model: .snn (safetensors + JSON header)
+        from edgeswarm.models.spiking.runtime import SnnExecutable
+
+        return SnnExecutable.open(Path(path)).run
+    name = shard.builder or ""
+    if name in _BUILDER_MODULES and name not in BUILDERS and name not in GROUP_BUILDERS:
+        importlib.import_module(_BUILDER_MODULES[name])
+    group_builder = GROUP_BUILDERS.get(name)
+    if group_builder is not None:
+        if not shard.tp_group or plane.rank not in shard.tp_group:
+            raise InvalidInput(f"shard {shard.id!r}: builder {name!r} runs a tensor-parallel "
+                               f"member; its tp_group must list this device's rank "
+                               f"{plane.rank}, got {shard.tp_group}")
+        return group_builder(_weights(Path(path)), dict(shard.params), plane,
+                             list(shard.tp_group))
+    builder = BUILDERS.get(name)
     if builder is None:
+        known = ", ".join(sorted({*BUILDERS, *GROUP_BUILDERS, *_BUILDER_MODULES}))
         raise InvalidInput(f"shard {shard.id!r} names builder {shard.builder!r}, which this "
-                           f"agent does not have (registered: {', '.join(sorted(BUILDERS))})")
+                           f"agent does not have (known: {known})")
     return builder(_weights(Path(path)), dict(shard.params))
 
 

@@ -25,9 +25,9 @@ from edgeswarm.placement.errors import InvalidInput
 
 FORMAT = "edgeswarm.manifest/1"
 COORDINATOR = "coordinator"
-RUNTIMES = ("torch", "onnx", "onnx-int8", "tflite-int8", "safetensors")
+RUNTIMES = ("torch", "onnx", "onnx-int8", "tflite-int8", "safetensors", "snn")
 
-Runtime = Literal["torch", "onnx", "onnx-int8", "tflite-int8", "safetensors"]
+Runtime = Literal["torch", "onnx", "onnx-int8", "tflite-int8", "safetensors", "snn"]
 
 _URL_SCHEMES = ("http://", "https://", "file://")
 _LINK = re.compile(rf"({NAME_PATTERN})->({NAME_PATTERN})")
@@ -49,6 +49,16 @@ class Artifact(Model):
         return url
 
 
+class CodecRef(Model):
+    """A feature codec on a value a shard sends or receives over the network: its name
+    (``fp16``, ``int8``, ``learned:1e-05``; ``none``: the value travels as it is) and, for
+    a learned codec, its artifact files (weights and description), fetched and verified
+    like the shard's own artifact."""
+
+    name: str = Field(pattern=r"^[a-z0-9]{1,32}(:[A-Za-z0-9_.+-]{1,32})?$")
+    artifacts: list[Artifact] = Field(default_factory=list, max_length=4)
+
+
 class Shard(Model):
     """One piece of the model on one device, wired to other ranks."""
 
@@ -61,6 +71,11 @@ class Shard(Model):
     builder: str | None = None           # runtime "safetensors"/"torch": a registered builder
     params: dict[str, Any] = Field(default_factory=dict)  # builder parameters (plain JSON)
     tp_group: list[int] | None = None    # ranks that all-reduce with this shard
+    # codecs of the values that cross the network, one per input / output in order (None:
+    # no codec on any): outputs are encoded before they are sent to another rank, inputs
+    # from another rank decoded before the shard runs; local hand-offs are never coded
+    send_codecs: list[CodecRef] | None = None
+    recv_codecs: list[CodecRef] | None = None
 
 
 class LinkShape(Model):

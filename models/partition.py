@@ -25,7 +25,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import fx, nn
@@ -53,6 +53,18 @@ class Stage:
     inputs: tuple[str, ...]
     #: names of the values it sends on (the last stage: the model's outputs)
     outputs: tuple[str, ...]
+    #: what sets its weights apart from the model's own ("": they are the model's; e.g.
+    #: the tail fine-tuned for a learned codec), so exported files are told apart
+    variant: str = ""
+
+    #: the shard runtimes :func:`export` can write this stage for
+    runtimes: ClassVar[tuple[str, ...]] = ("onnx", "onnx-int8", "tflite-int8")
+
+    def write_onnx(self, inputs: Sequence[torch.Tensor], path: Path) -> Path:
+        """This stage as an fp32 ONNX file (``inputs``: an example of what it receives).
+        A stage cut from an ONNX file (:mod:`edgeswarm.models.onnx_partition`) writes its
+        own bytes."""
+        return export_stage_onnx(self, inputs, path)
 
 
 @dataclass(frozen=True)
@@ -104,6 +116,12 @@ def partition(module: nn.Module, example_inputs: Sequence[Any], plan: Plan,
     one on several devices, or cuts where a non-tensor value (a shape, a Python number)
     would have to cross devices.
     """
+    from edgeswarm.models.onnx_graph import OnnxTraced
+
+    if isinstance(traced, OnnxTraced):  # an ONNX file: cut by tensor names
+        from edgeswarm.models.onnx_partition import cut
+
+        return cut(traced, plan)
     traced = traced or trace(module, example_inputs)
     gm = traced.module
     runs = _runs(traced, plan)
@@ -244,10 +262,10 @@ def export(part: Partition, example_inputs: Sequence[Any], out_dir: Path,
     files = []
     for pos, stage in enumerate(part.stages):
         rt = runtime if isinstance(runtime, str) else runtime.get(stage.device, "onnx")
-        if rt not in ("onnx", "onnx-int8", "tflite-int8"):
+        if rt not in stage.runtimes:
             raise InvalidInput(f"stage {stage.index} on {stage.device!r}: runtime {rt!r} "
-                               f"cannot be exported as a shard; use onnx, onnx-int8 or "
-                               f"tflite-int8")
+                               f"cannot be exported as a shard of this model; use "
+                               f"{', '.join(stage.runtimes)}")
         base = out_dir / f"stage{stage.index}-{stage.device}"
         if rt == "tflite-int8":
             exe = compile_runtime(stage.module, runtime=rt, example_inputs=list(examples[pos]),
@@ -259,7 +277,7 @@ def export(part: Partition, example_inputs: Sequence[Any], out_dir: Path,
             path = exe.path
         else:
             path = base.with_name(base.name + (".onnx" if rt == "onnx" else ".fp32.onnx"))
-            export_stage_onnx(stage, examples[pos], path)
+            stage.write_onnx(examples[pos], path)
             if rt == "onnx-int8":
                 fp32 = path
                 exe = compile_runtime(fp32, runtime=rt, output=base.with_name(base.name + ".onnx"),

@@ -102,5 +102,5 @@ def moves(p: Problem, s: State, tp: bool = True, codecs: bool = True,
                     continue  # not a cut edge: the data is already there
                 current = s.codecs.get((t, d), "none")
                 for name in names:
-                    if name != current:
+                    if name != current and p.codec_allowed(name, t, d):
                         yield SetCodec(t, d, name)

@@ -23,6 +23,52 @@ INF = math.inf
 #: A task's placement by index: one device, or a tensor-parallel group.
 Group = tuple[int, ...]
 
+#: The data plane's all-reduce algorithms (``DataPlane.all_reduce``), fewest message steps
+#: first: the order ties are broken in.
+ALLREDUCE_ALGORITHMS = ("direct", "star", "gloo")
+#: The ones the planner prices a tensor-parallel group with (the GNN's features mirror them).
+PLANNER_ALLREDUCE = ("star", "gloo")
+
+
+def allreduce_times(group: Sequence[int], nbytes: float, lat: Sequence[Sequence[float]],
+                    inv_bw: Sequence[Sequence[float]], hop_s: float = 0.0,
+                    overhead_s: Mapping[str, float] | None = None) -> dict[str, float]:
+    """Predicted seconds of each all-reduce algorithm over ``group`` (device indices into
+    the ``lat``/``inv_bw`` tables) for a tensor of ``nbytes``.
+
+    - "star": every member sends to ``group[0]`` (put the fastest first), which sends the
+      sum back: two message steps.
+    - "gloo" (a ring): reduce-scatter then all-gather, ``2 (k - 1)`` steps of ``1/k`` of
+      the bytes over the slowest hop.
+    - "direct": every member sends its part to every other: one step (links in parallel).
+
+    ``hop_s`` is the software cost of one message step (the whole cost on an unshaped
+    loopback, where latency and bandwidth terms are zero), so it counts the steps;
+    ``overhead_s`` adds a measured cost per call of each algorithm instead (what the
+    transport really spends beyond the links, e.g. gloo's ring runs on a worker thread).
+    """
+    k = len(group)
+    if k < 2:
+        return dict.fromkeys(ALLREDUCE_ALGORITHMS, 0.0)
+    extra = overhead_s or {}
+    root = group[0]
+    up = max(lat[i][root] + nbytes * inv_bw[i][root] for i in group[1:])
+    down = max(lat[root][i] + nbytes * inv_bw[root][i] for i in group[1:])
+    chunk = nbytes / k
+    hop = max(lat[group[i]][group[(i + 1) % k]] + chunk * inv_bw[group[i]][group[(i + 1) % k]]
+              for i in range(k))
+    each = max(lat[i][j] + nbytes * inv_bw[i][j] for i in group for j in group if i != j)
+    return {"direct": each + hop_s + extra.get("direct", 0.0),
+            "star": up + down + 2 * hop_s + extra.get("star", 0.0),
+            "gloo": 2 * (k - 1) * (hop + hop_s) + extra.get("gloo", 0.0)}
+
+
+def cheapest_allreduce(times: Mapping[str, float],
+                       allowed: Sequence[str] = ALLREDUCE_ALGORITHMS) -> str:
+    """The algorithm of ``times`` with the least predicted time (ties: fewer steps)."""
+    return min((a for a in ALLREDUCE_ALGORITHMS if a in allowed),
+               key=lambda a: (times[a], ALLREDUCE_ALGORITHMS.index(a)))
+
 
 @dataclass
 class Problem:
@@ -84,6 +130,12 @@ class Problem:
         # ranks equal up to rounding tie-break by topological position
         self.default_order = sorted(range(self.n),
                                     key=lambda t: (-float(f"{self.rank[t]:.12g}"), pos[t]))
+        # codecs valid on a few edges only (a learned codec): edge -> those names
+        self._only_on: dict[tuple[int, int], set[str]] = {}
+        for name, codec_spec in self.codec_table.items():
+            for first, then in codec_spec.edges or ():
+                key = (self.t_index.get(TaskId(first), -1), self.t_index.get(TaskId(then), -1))
+                self._only_on.setdefault(key, set()).add(name)
         self.calls = 0
 
     # -- costs -------------------------------------------------------------------------
@@ -120,19 +172,21 @@ class Problem:
         return 1.0 / sum(1.0 / self.comp[t][j] for j in group)
 
     def allreduce_s(self, group: Group, nbytes: float) -> float:
-        """Joining the partial outputs of a tensor-parallel group: the cheaper of a star
-        all-reduce (gather to and broadcast from the first member) and a ring."""
-        k = len(group)
-        if k < 2:
+        """Joining the partial outputs of a tensor-parallel group: the cheapest of
+        :data:`PLANNER_ALLREDUCE` (a star through the first member, a ring), as
+        :func:`allreduce_times` predicts them."""
+        if len(group) < 2:
             return 0.0
-        lat, ibw = self.lat, self.inv_bw
-        root = group[0]
-        up = max(lat[i][root] + nbytes * ibw[i][root] for i in group[1:])
-        down = max(lat[root][i] + nbytes * ibw[root][i] for i in group[1:])
-        chunk = nbytes / k
-        hop = max(lat[group[i]][group[(i + 1) % k]] + chunk * ibw[group[i]][group[(i + 1) % k]]
-                  for i in range(k))
-        return min(up + down, 2 * (k - 1) * hop)
+        times = allreduce_times(group, nbytes, self.lat, self.inv_bw)
+        return times[cheapest_allreduce(times, PLANNER_ALLREDUCE)]
+
+    def codec_allowed(self, name: str, src: int, dst: int) -> bool:
+        """Whether codec ``name`` of the table may go on the edge ``src -> dst`` (indices):
+        a codec restricted to some edges (:attr:`CodecSpec.edges`) is allowed there only."""
+        spec = self.codec_table.get(name)
+        if spec is None:
+            return False
+        return spec.edges is None or name in self._only_on.get((src, dst), ())
 
     # -- conversions ---------------------------------------------------------------------
     def groups_of(self, plan: Plan) -> list[Group]:
@@ -164,6 +218,7 @@ class Problem:
                 raise InvalidInput(f"plan: codec on {src}->{dst}, which is not an edge of "
                                    f"the graph")
             spec = codec(name, self.codec_table)
+            self._check_edge(name, *key)
             if spec.ratio < 1.0 or spec.encode_flops_per_byte > 0:
                 out[key] = spec
         return out
@@ -190,6 +245,15 @@ class Problem:
         named: dict[EdgeKey, str] = {}
         for (s, d), name in (codecs or {}).items():
             if name != "none":
+                self._check_edge(name, s, d)
                 named[(self.task_ids[s], self.task_ids[d])] = name
         return Plan(assignments, named, policy,
                     tuple(self.task_ids[t] for t in order) if order is not None else None)
+
+    def _check_edge(self, name: str, src: int, dst: int) -> None:
+        if not self.codec_allowed(name, src, dst):
+            spec = codec(name, self.codec_table)  # raises for an unknown name
+            where = ", ".join(f"{a}->{b}" for a, b in sorted(spec.edges or ()))
+            raise InvalidInput(f"plan: codec {name!r} on {self.task_ids[src]}->"
+                               f"{self.task_ids[dst]}: it is valid on {where} only (a "
+                               f"learned codec is trained for one cut)")

@@ -25,6 +25,7 @@ from edgeswarm.cli_e2e import bench_e2e_cmd
 from edgeswarm.cli_export import export_cmd
 from edgeswarm.cli_placement import bench_placement_cmd, place_cmd, simulate_cmd
 from edgeswarm.cli_testbed import testbed_cmd
+from edgeswarm.cli_tp import bench_tp_cmd
 from edgeswarm.cli_train import train_command
 
 app = typer.Typer(help="edgeswarm: deploy neural networks across a dynamic cluster of edge "
@@ -191,6 +192,8 @@ app.command("export")(export_cmd)
 bench_app.command("compression")(bench_compression_cmd)
 # The spiking benchmark lives in bench/snn.py.
 bench_app.command("snn")(bench_snn_cmd)
+# The tensor-parallel benchmark lives in cli_tp.py.
+bench_app.command("tp")(bench_tp_cmd)
 
 
 

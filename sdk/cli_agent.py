@@ -116,6 +116,28 @@ def agent_cmd(
     Agent(config, key).run(stop)
 
 
+def main() -> None:
+    """``edgeswarm agent`` alone, as ``python -c "from edgeswarm.cli_agent import main;
+    main()" --name ...``: how the testbed starts its agents (:mod:`edgeswarm.testbed_agents`).
+    The same command and options, without the rest of the CLI, whose modules (benchmarks,
+    placement tools) cost each agent ~0.07 s of CPU to import here: N agents starting on a
+    few cores pay that N times over. Errors are printed as by :func:`edgeswarm.cli.main`."""
+    import sys
+
+    from edgeswarm.placement.errors import Error
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command()(agent_cmd)
+    try:
+        app()
+    except Error as exc:
+        err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False,
+                  soft_wrap=True)
+        sys.exit(2)
+
+
 def devices_cmd(
         cluster: str | None = typer.Option(None, "--cluster", "-c",
                                            help="Only this cluster."),

@@ -39,8 +39,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edgeswarm.sdk")
 
-#: Placement options for deployable plans: layer cuts only (tensor-parallel groups and
-#: codecs are planned by their own issues' code paths).
+#: Placement options for deployable plans: layer cuts only (tensor-parallel groups are
+#: planned by their own issue's code path; codecs only where ``place(codecs=...)`` names
+#: them, with their measured table).
 DEPLOYABLE = Options(tp=False, codecs=False)
 
 #: Data-probe measurements per device (the best one stands for the link), and their size:
@@ -72,13 +73,15 @@ class Model:
 
 
 def prepare(model: Any, example_inputs: Sequence[Any] | None = None) -> Model:
-    """A zoo name or an ``nn.Module`` (with ``example_inputs``) as a :class:`Model`."""
+    """A zoo name, an ``nn.Module`` (with ``example_inputs``) or an ``.onnx`` path (its
+    example inputs are optional: they set the batch the costs are for) as a :class:`Model`."""
     if isinstance(model, Model):
         return model
     if isinstance(model, (str, Path)) and str(model).endswith(".onnx"):
-        raise InvalidInput(f"{model}: splitting an ONNX file across devices is not supported; "
-                           f"pass the torch module (or a zoo name), or run the file on one "
-                           f"device with es.compile")
+        from edgeswarm.models.onnx_graph import trace as trace_onnx
+
+        traced = trace_onnx(model, example_inputs)   # cut by edgeswarm.models.onnx_partition
+        return Model(traced.graph.name, traced.module, traced.example_inputs, traced=traced)
     if isinstance(model, str):
         from edgeswarm.models import zoo
 
@@ -220,13 +223,39 @@ class Cluster:
 
     # -- planning and deploying ------------------------------------------------------
     def place(self, model: Any, example_inputs: Sequence[Any] | None = None,
-              policy: str = "gnn", budget: int | None = None) -> Plan:
-        """Plan ``model`` (a zoo name or an ``nn.Module``) on the devices online now."""
-        from edgeswarm.placement.policies import place
+              policy: str = "gnn", budget: int | None = None,
+              codecs: Sequence[str] | None = None, tp: bool = False) -> Plan:
+        """Plan ``model`` (a zoo name or an ``nn.Module``) on the devices online now.
+
+        ``codecs``: feature codecs the plan may put on cut edges (``fp16``, ``int8``,
+        ``learned[:β]``), measured on the model's own activations first (see
+        :mod:`edgeswarm.codec_plans`); None: layer cuts only. ``tp``: run a zoo
+        transformer (minilm, smollm2) tensor-parallel on the group of fastest devices the
+        simulator predicts best (see :mod:`edgeswarm.tp_plans`); ``policy`` is not used."""
+        from edgeswarm.placement.policies import place, solve
+        from edgeswarm.placement.problem import Problem
 
         m = prepare(model, example_inputs)
-        opts = Options(budget=budget, tp=DEPLOYABLE.tp, codecs=DEPLOYABLE.codecs)
-        return place(m.graph, self.topology(), policy, opts)
+        if tp:
+            from edgeswarm.models.tp.deploy import max_members
+            from edgeswarm.tp_plans import place_group
+
+            if codecs:
+                raise InvalidInput("a tensor-parallel plan has no cut edges: pass tp=True or "
+                                   "codecs, not both")
+            return place_group(m.graph, self.topology(), max_members(m.module))
+        if not codecs:
+            opts = Options(budget=budget, tp=DEPLOYABLE.tp, codecs=DEPLOYABLE.codecs)
+            return place(m.graph, self.topology(), policy, opts)
+        if isinstance(model, (str, Path)) and str(model).endswith(".onnx"):
+            raise InvalidInput(f"{model}: feature codecs are trained on a torch model's "
+                               f"activations; place the torch module (or its zoo name), or "
+                               f"place the ONNX file without codecs")
+        from edgeswarm.codec_plans import measured
+
+        table = measured(m, codecs).table
+        opts = Options(budget=budget, tp=DEPLOYABLE.tp, codecs=True)
+        return solve(Problem(m.graph, self.topology(), table), policy, opts)
 
     def deploy(self, model: Any, plan: Plan | None = None,
                example_inputs: Sequence[Any] | None = None, *, runtime: str = "onnx",

@@ -24,7 +24,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -32,10 +32,12 @@ import numpy as np
 
 from edgeswarm.device_agent import membership as ms
 from edgeswarm.device_agent.manifest import COORDINATOR, Manifest
+from edgeswarm.placement.codecs import DEFAULT_CODECS, CodecSpec
 from edgeswarm.placement.errors import DeviceLost, Error, InvalidInput
 from edgeswarm.placement.plan import Plan
 from edgeswarm.placement.simulator import simulate
 from edgeswarm.shards import ShardCache, manifest_for
+from edgeswarm.tp_plans import GroupShards, group_manifest, group_of, group_plan, place_group
 
 if TYPE_CHECKING:
     from edgeswarm.cluster import Cluster, Model
@@ -97,6 +99,7 @@ class Deployment:
         self._recovering: threading.Thread | None = None
         self._manifest: Manifest | None = None
         self._partition: Partition | None = None
+        self._group_shards: GroupShards | None = None
         self._out_bytes: int | None = None
         calib = model.calibration if runtime.endswith("int8") else None
         self._cache = ShardCache(cluster.artifact_server(), model.example_inputs, calib)
@@ -194,17 +197,36 @@ class Deployment:
 
         m = self.model
         t0 = time.perf_counter()
-        part = partition(m.module, m.example_inputs, plan, m.trace())
-        devices = tuple(dict.fromkeys(part.devices))
-        runtimes = self._runtimes(devices)
-        artifacts = self._cache.artifacts(part, runtimes)
-        export_s = time.perf_counter() - t0
+        group = group_of(plan)
+        # a tensor-parallel group runs the whole model: the partition of it on the group's
+        # lead tells how outputs assemble (see edgeswarm.tp_plans)
+        part = partition(m.module, m.example_inputs,
+                         plan if group is None else group_plan(m.graph, group[:1]), m.trace())
+        codecs, table = None, DEFAULT_CODECS
+        if plan.codecs:  # encoders, decoders and tuned stages: see edgeswarm.codec_plans
+            from edgeswarm.codec_plans import measured, shipping
+
+            known = measured(m, plan.codecs.values())
+            ship = shipping(part, plan, m.trace(), known, self.cluster.artifact_server())
+            part, codecs, table = ship.partition, ship.codecs, known.table
+        devices = group or tuple(dict.fromkeys(part.devices))
         number = (self.generations[-1].number + 1) if self.generations else 1
         coord = self.cluster.coordinator
-        manifest = manifest_for(part, artifacts, runtimes, deployment=self.id, generation=number,
-                                model=m.name, store=coord.store_endpoint(),
-                                links=self.cluster.link_shapes(devices),
-                                timeout_s=min(self.timeout_s, 30.0))
+        common: dict[str, Any] = dict(deployment=self.id, generation=number, model=m.name,
+                                      store=coord.store_endpoint(),
+                                      links=self.cluster.link_shapes(devices),
+                                      timeout_s=min(self.timeout_s, 30.0))
+        if group is not None:
+            if self._group_shards is None:
+                self._group_shards = GroupShards(self.cluster.artifact_server(), m.module)
+            manifest = group_manifest(self._group_shards, self.cluster.topology(), group,
+                                      **common)
+            export_s = time.perf_counter() - t0
+        else:
+            runtimes = self._runtimes(devices)
+            artifacts = self._cache.artifacts(part, runtimes)
+            export_s = time.perf_counter() - t0
+            manifest = manifest_for(part, artifacts, runtimes, codecs=codecs, **common)
         t0 = time.perf_counter()
         coord.deploy(manifest, timeout_s=self.timeout_s)
         deploy_s = time.perf_counter() - t0
@@ -212,7 +234,8 @@ class Deployment:
         self._manifest, self._partition = manifest, part
         self._lost.clear()
         self.generations.append(Generation(number, plan, devices, reason, deploy_s,
-                                           self._predict(plan, part), moved, plan_s=plan_s,
+                                           self._predict(plan, part, table), moved,
+                                           plan_s=plan_s,
                                            export_s=export_s, ready_at=time.monotonic()))
         log.info("deployment %s generation %d on %s (%s) in %.2f s", self.id, number,
                  ", ".join(devices), reason, deploy_s)
@@ -240,8 +263,17 @@ class Deployment:
             if status != "online" and f"device {d} " not in f"{why} ":
                 why = f"{why}; device {d} {status}"
         topology = self.cluster.topology()
-        # layer cuts only, as the first plan: this deployment cannot run tensor-parallel
-        # groups or codecs, which replan's default options may choose
+        if group_of(self.plan) is not None:  # the best group among the devices left
+            from edgeswarm.models.tp.deploy import max_members
+
+            plan = place_group(self.model.graph, topology, max_members(self.model.module))
+            moved = sum(plan.assignments[t] != self.plan.assignments.get(t)
+                        for t in plan.assignments)
+            self._start(plan, why, moved, time.perf_counter() - t0)
+            return
+        # layer cuts only: this deployment cannot run tensor-parallel groups, which
+        # replan's default options may choose; codecs of the first plan are dropped too
+        # (replan costs codecs by the default table, which lacks the measured ones)
         result = replan(self.plan, self.model.graph, topology, policy=self.policy,
                         opts=DEPLOYABLE)
         self._start(result.plan, why, result.tasks_moved, time.perf_counter() - t0)
@@ -293,11 +325,13 @@ class Deployment:
                                    f"(it has {have}); install edgeswarm[onnx] there")
         return out
 
-    def _predict(self, plan: Plan, part: Partition) -> float:
-        """The simulator's latency for the plan, plus sending the inputs to the first stage
-        and the outputs back (the coordinator is not a device of the plan)."""
+    def _predict(self, plan: Plan, part: Partition,
+                 table: Mapping[str, CodecSpec] = DEFAULT_CODECS) -> float:
+        """The simulator's latency for the plan (its codecs costed by ``table``), plus
+        sending the inputs to the first stage and the outputs back (the coordinator is not
+        a device of the plan)."""
         topology = self.cluster.topology()
-        makespan = simulate(self.model.graph, topology, plan).makespan
+        makespan = simulate(self.model.graph, topology, plan, table).makespan
         states = {s.device.id: s for s in self.cluster.devices}
         first, last = part.stages[0].device, part.stages[-1].device
         if self._out_bytes is None:  # the model's outputs: the same for every plan

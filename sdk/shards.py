@@ -16,17 +16,26 @@ from pathlib import Path
 from typing import Any, cast
 
 from edgeswarm.device_agent.artifacts import ArtifactServer
-from edgeswarm.device_agent.manifest import COORDINATOR, Artifact, LinkShape, Manifest, Shard
+from edgeswarm.device_agent.manifest import (
+    COORDINATOR,
+    Artifact,
+    CodecRef,
+    LinkShape,
+    Manifest,
+    Shard,
+)
 from edgeswarm.models.partition import Partition, Stage, StageFile, export
 from edgeswarm.placement.errors import InvalidInput
 
 log = logging.getLogger("edgeswarm.sdk")
 
-Key = tuple[tuple[str, ...], str]
+Key = tuple[tuple[str, ...], str, str]
+#: A stage's codecs: (one per input it receives, one per output it sends); None: no codec.
+StageCodecs = tuple[list[CodecRef] | None, list[CodecRef] | None]
 
 
 class ShardCache:
-    """Exported stages of one model, by (tasks, runtime), served to the devices."""
+    """Exported stages of one model, by (tasks, runtime, variant), served to the devices."""
 
     def __init__(self, server: ArtifactServer, example_inputs: Sequence[Any],
                  calibration: Sequence[Any] | None = None,
@@ -59,15 +68,18 @@ class ShardCache:
 
     @staticmethod
     def _key(stage: Stage, runtime: Mapping[str, str]) -> Key:
-        return tuple(stage.tasks), runtime.get(stage.device, "onnx")
+        return tuple(stage.tasks), runtime.get(stage.device, "onnx"), stage.variant
 
 
 def manifest_for(part: Partition, artifacts: Sequence[Artifact], runtime: Mapping[str, str],
                  *, deployment: str, generation: int, model: str, store: tuple[str, int],
                  links: Mapping[str, LinkShape] | None = None,
-                 timeout_s: float = 30.0) -> Manifest:
+                 timeout_s: float = 30.0,
+                 codecs: Sequence[StageCodecs] | None = None) -> Manifest:
     """The pipeline manifest of ``part``: rank 0 the coordinator, then each device in the
-    order it first appears; stage k receives from stage k-1's rank and sends to k+1's."""
+    order it first appears; stage k receives from stage k-1's rank and sends to k+1's.
+    ``codecs``: per stage, the codecs of its inputs and outputs (see
+    :mod:`edgeswarm.codec_plans`)."""
     ranks: dict[str, int] = {COORDINATOR: 0}
     for stage in part.stages:
         ranks.setdefault(stage.device, len(ranks))
@@ -75,9 +87,11 @@ def manifest_for(part: Partition, artifacts: Sequence[Artifact], runtime: Mappin
     for k, (stage, art) in enumerate(zip(part.stages, artifacts, strict=True)):
         prev = ranks[part.stages[k - 1].device] if k > 0 else 0
         nxt = ranks[part.stages[k + 1].device] if k + 1 < len(part.stages) else 0
+        recv, send = codecs[k] if codecs is not None else (None, None)
         shards.append(Shard(id=f"stage{k}", device=stage.device,
                             runtime=cast(Any, runtime.get(stage.device, "onnx")),
-                            artifact=art, recv_from=[prev], send_to=[nxt]))
+                            artifact=art, recv_from=[prev], send_to=[nxt],
+                            recv_codecs=recv, send_codecs=send))
     if len(ranks) < 2:
         raise InvalidInput("the plan uses no device")
     return Manifest(deployment=deployment, generation=generation, model=model,

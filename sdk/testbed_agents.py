@@ -1,10 +1,11 @@
 """Agent processes on this machine: ``edgeswarm agent`` started as an ordinary child process.
 
 The testbed (:mod:`edgeswarm.testbed`) and ``edgeswarm bench agent`` both start real
-agents this way, on loopback: each gets ``--interface``/``--data-host`` set to the host,
-its own artifact cache and its own log file (stdout and stderr) under a work directory,
-and is stopped with SIGTERM (a clean stop: it publishes "offline") or SIGKILL (churn: the
-broker publishes its last will). Every wait is bounded.
+agents this way (``edgeswarm agent``'s command, without the rest of the CLI), on loopback:
+each gets ``--interface``/``--data-host`` set to the host, its own artifact cache and its
+own log file (stdout and stderr) under a work directory, and is stopped with SIGTERM (a
+clean stop: it publishes "offline") or SIGKILL (churn: the broker publishes its last
+will). Every wait is bounded.
 """
 
 from __future__ import annotations
@@ -31,6 +32,13 @@ def agent_command() -> list[str]:
     return [sys.executable, "-c", "from edgeswarm.cli import main; main()"]
 
 
+def agent_only_command() -> list[str]:
+    """How :class:`AgentProcesses` starts an agent: ``edgeswarm agent``'s command and
+    options without the rest of the CLI (:func:`edgeswarm.cli_agent.main`), so that N
+    agents starting together do not each import every other command's modules."""
+    return [sys.executable, "-c", "from edgeswarm.cli_agent import main; main()"]
+
+
 class AgentProcesses:
     """Agent processes started with ``edgeswarm agent``, by name; stopped and reaped by
     :meth:`stop_all`. A name may be started again once its process has exited."""
@@ -50,7 +58,7 @@ class AgentProcesses:
         if old is not None and old.poll() is None:
             raise InvalidInput(f"agent {name!r} is already running (pid {old.pid}); kill it "
                                f"or pick another name")
-        argv = [*agent_command(), "agent", "--name", name, "--cluster", cluster,
+        argv = [*agent_only_command(), "--name", name, "--cluster", cluster,
                 "--broker", broker, "--key-file", str(self.key_file),
                 "--interface", self.host, "--data-host", self.host,
                 "--artifacts-dir", str(self.workdir / "artifacts" / name), *extra]

@@ -12,14 +12,16 @@ training, see :mod:`~edgeswarm.models.codecs.train` — takes as its input.
 A trained codec is an *artifact*: ``<stem>.safetensors`` holding the encoder, entropy
 model (including its integer CDF tables, so both ends code with identical tables),
 decoder and the fine-tuned tail, and ``<stem>.json`` describing it with the weights'
-sha256. Nothing is pickled. Payload (after the header of
-:mod:`~edgeswarm.models.codecs.wire`): two bytes of the artifact's sha256 (bytes made by
-another artifact are refused), the batch size, the latent's height and width, then per
-sample the length and the bytes of its entropy-coded latent.
+sha256. Nothing is pickled. The same two files are what a deployment ships to the sender
+and the receiver of its cut (:func:`load_files` reads them under any names). Payload
+(after the header of :mod:`~edgeswarm.models.codecs.wire`): two bytes of the artifact's
+sha256 (bytes made by another artifact are refused), the batch size, the latent's height
+and width, then per sample the length and the bytes of its entropy-coded latent.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -37,6 +39,7 @@ from torch import nn
 
 from edgeswarm.models.codecs import _compressai, wire
 from edgeswarm.models.codecs.base import Codec, CodecProfile, as_batch
+from edgeswarm.placement.codecs import CodecSpec
 from edgeswarm.placement.errors import InvalidInput, ModelFileError
 
 FORMAT = "edgeswarm.codec.learned/1"
@@ -111,11 +114,14 @@ class LearnedCodec(Codec):
 
     def __init__(self, bottleneck: Bottleneck, tail_state: Mapping[str, torch.Tensor],
                  meta: Mapping[str, Any], sha256: str,
-                 profile: CodecProfile | None = None) -> None:
+                 profile: CodecProfile | None = None,
+                 files: tuple[Path, Path] | None = None) -> None:
         self.bottleneck = bottleneck.eval()
         self.tail_state = dict(tail_state)
         self.meta = dict(meta)
         self.sha256 = sha256
+        #: the artifact it was read from: (weights .safetensors, description .json)
+        self.files = files
         self.fingerprint = bytes.fromhex(sha256[:2 * FINGERPRINT_BYTES])
         super().__init__(str(meta["beta"]), profile)
 
@@ -131,6 +137,16 @@ class LearnedCodec(Codec):
     def split(self) -> str:
         """The task after which the model is cut (the sender's last task)."""
         return str(self.meta["split"])
+
+    @property
+    def edge(self) -> tuple[str, str]:
+        """The task edge it is trained for: (the sender's last task, the receiver's first)."""
+        return self.split, str(self.meta["next_task"])
+
+    def spec(self, device_flops: float) -> CodecSpec:
+        """The planner's cost model, valid on :attr:`edge` only: the encoder takes that
+        activation and the receiver's layers are tuned for its decoder."""
+        return super().spec(device_flops).only_on([self.edge])
 
     def prior(self) -> CodecProfile:
         bytes_per_sample = float(self.meta.get("train_bytes_per_sample", 0.0)) or \
@@ -183,6 +199,24 @@ class LearnedCodec(Codec):
         with torch.inference_mode():
             return self.bottleneck.decoder(latent).numpy().astype(np.float32, copy=False)
 
+    def tune_stage(self, stage: nn.Module) -> nn.Module:
+        """A copy of ``stage`` (a stage module of the model *after* the cut, so any part of
+        the tail) with the weights fine-tuned for this codec. Raises InvalidInput when the
+        stage holds weights the tail does not (a stage before the cut, another model)."""
+        own = stage.state_dict()
+        foreign = [k for k in own if k not in self.tail_state]
+        if foreign:
+            raise InvalidInput(f"codec {self.full_name!r}: the stage holds weights that are "
+                               f"not part of {self.model}'s tail after {self.split!r} "
+                               f"({foreign[:4]}); only stages after the cut are tuned")
+        bad = [k for k, v in own.items() if v.shape != self.tail_state[k].shape]
+        if bad:
+            raise InvalidInput(f"codec {self.full_name!r}: tail weights {bad[:4]} do not fit "
+                               f"this stage's shapes")
+        tuned = copy.deepcopy(stage)
+        tuned.load_state_dict({k: self.tail_state[k] for k in own})
+        return tuned.eval()
+
     def load_tail(self, tail: nn.Module) -> nn.Module:
         """Load the tail weights fine-tuned for this codec into ``tail`` (a copy of the
         model's stage after the cut); returns it."""
@@ -222,6 +256,16 @@ def load_artifact(stem: Path, profile: CodecProfile | None = None) -> LearnedCod
     """A codec from ``<stem>.json`` and ``<stem>.safetensors``; ModelFileError when they
     are missing, corrupt or do not match."""
     weights, doc = artifact_paths(stem)
+    return load_files(weights, doc, profile,
+                      hint=f"delete {weights.name} and {doc.name} to retrain it")
+
+
+def load_files(weights: Path, doc: Path, profile: CodecProfile | None = None,
+               hint: str = "fetch the codec's artifact again") -> LearnedCodec:
+    """A codec from its weights (``.safetensors``) and description (``.json``) files,
+    whatever their names (a device's artifact cache names files by hash); ModelFileError
+    naming the files when they are missing, corrupt or do not match each other."""
+    stem = f"{weights.name} + {doc.name}"
     try:
         meta = json.loads(doc.read_text())
         if meta.get("format") != FORMAT:
@@ -234,9 +278,10 @@ def load_artifact(stem: Path, profile: CodecProfile | None = None) -> LearnedCod
             raise ValueError(f"the weights' sha256 is {digest[:12]}, the JSON says "
                              f"{str(meta['sha256'])[:12]}")
         tensors = load_file(str(weights))
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
-        raise ModelFileError(f"learned codec artifact {stem} cannot be read ({exc}); delete "
-                             f"{weights.name} and {doc.name} to retrain it") from exc
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, InvalidInput,
+            SafetensorError) as exc:
+        raise ModelFileError(f"learned codec artifact {stem} cannot be read ({exc}); "
+                             f"{hint}") from exc
     bottleneck = Bottleneck(shape)
     state = {k.removeprefix("bottleneck."): v for k, v in tensors.items()
              if k.startswith("bottleneck.")}
@@ -248,10 +293,14 @@ def load_artifact(stem: Path, profile: CodecProfile | None = None) -> LearnedCod
         bottleneck.load_state_dict(state)
     except RuntimeError as exc:
         raise ModelFileError(f"learned codec artifact {stem} does not fit its declared "
-                             f"shape ({exc}); delete it to retrain") from exc
+                             f"shape ({exc}); {hint}") from exc
     tail = {k.removeprefix("tail."): v for k, v in tensors.items() if k.startswith("tail.")}
     body = {k: v for k, v in meta.items() if k not in ("format", "shape", "sha256")}
-    return LearnedCodec(bottleneck, tail, body, meta["sha256"], profile)
+    for key in ("model", "split", "next_task", "beta"):
+        if key not in body:
+            raise ModelFileError(f"learned codec artifact {stem}: its JSON lacks {key!r}; "
+                                 f"{hint}")
+    return LearnedCodec(bottleneck, tail, body, meta["sha256"], profile, (weights, doc))
 
 
 def artifact_paths(stem: Path) -> tuple[Path, Path]:

@@ -267,10 +267,12 @@ def train(recipe: LearnedRecipe, model: ZooModel, c: Cut, data: TeacherData,
     return bottleneck, tail_state, meta
 
 
-def codec_stem(recipe: LearnedRecipe, model: ZooModel) -> Path:
-    """Where the codec trained by ``recipe`` on this teacher is cached (no suffix)."""
+def codec_stem(recipe: LearnedRecipe, model: ZooModel | nn.Module) -> Path:
+    """Where the codec trained by ``recipe`` on this teacher (a zoo model or its module)
+    is cached (no suffix)."""
+    module = model if isinstance(model, nn.Module) else model.module
     blob = json.dumps({"format": CACHE_FORMAT, "recipe": asdict(recipe),
-                       "teacher": teacher_fingerprint(model.module),
+                       "teacher": teacher_fingerprint(module),
                        "compressai": _compressai_version()}, sort_keys=True).encode()
     key = hashlib.sha256(blob).hexdigest()[:16]
     return cache_dir() / f"{recipe.model}-codec-{recipe.split}-b{recipe.beta:g}-{key}"
@@ -329,6 +331,14 @@ def load_or_train(recipes: Sequence[LearnedRecipe], model: ZooModel | None = Non
         log.info("trained learned codec %s in %.1f s", stem.name, meta["train_seconds"])
         out[i] = load_artifact(stem)
     return [out[i] for i in range(len(recipes))]
+
+
+def cached_codec(recipe: LearnedRecipe, teacher: nn.Module) -> LearnedCodec | None:
+    """The codec ``recipe`` trained on exactly ``teacher``'s weights, if it is cached."""
+    stem = codec_stem(recipe, teacher)
+    if all(path.exists() for path in artifact_paths(stem)):
+        return load_artifact(stem)
+    return None
 
 
 def recipes_for(betas: Sequence[float], base: LearnedRecipe | None = None) -> list[LearnedRecipe]:

@@ -47,6 +47,7 @@ class _Source:
     calibration: tuple[Any, ...] | None = None
     int8_scheme: str | None = None  # a zoo model's preference
     heldout: tuple[Any, Any] | None = None  # a zoo model's labelled held-out data
+    zoo: Any = None  # the ZooModel, when compile() was given a zoo name
 
 
 def compile(model: Any, runtime: str = "onnx", example_inputs: Sequence[Any] | None = None,
@@ -90,8 +91,13 @@ def compile(model: Any, runtime: str = "onnx", example_inputs: Sequence[Any] | N
         if src.module is None:
             raise InvalidInput("runtime 'snn' converts a torch module (or zoo name); an ONNX "
                                "file cannot be converted")
-        return compile_snn(src.module, src.calibration, out, src.heldout, src.input_names,
-                           src.output_names)
+        module = src.module
+        if src.zoo is not None:  # some zoo models convert from a copy tuned for few steps
+            from edgeswarm.models.spiking.tuned import for_conversion
+
+            module = for_conversion(src.zoo)
+        return compile_snn(module, src.calibration, out, src.heldout, src.input_names,
+                           src.output_names, reference=src.module)
     return _compile_onnx(src, out, runtime, int8_scheme, threads)
 
 
@@ -129,7 +135,7 @@ def _resolve(model: Any, example_inputs: Sequence[Any] | None, calibration: Sequ
             return _Source(z.name, z.module, None, z.example_inputs, z.input_names,
                            z.output_names, dict(z.dynamic_dims),
                            tuple(calibration) if calibration is not None else z.calibration,
-                           z.int8_scheme, (z.heldout.inputs[0], z.heldout.labels))
+                           z.int8_scheme, (z.heldout.inputs[0], z.heldout.labels), z)
         path = Path(text)
         if path.suffix == ".onnx" or path.exists():
             if not path.is_file():

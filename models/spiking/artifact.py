@@ -69,6 +69,7 @@ class ConfidenceSpec(_Strict):
     samples: int
     full_accuracy: float | None = None
     accuracy: float | None = None
+    min_steps: int = Field(default=1, ge=1)  # no input stops before this step
 
 
 class Header(_Strict):

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from edgeswarm.models.spiking.network import Flatten, MaxPool, Op, Shape, SpikingNetwork, Synapse
+from edgeswarm.models.spiking.qcfs import QCFS
 from edgeswarm.placement.errors import InvalidInput
 
 log = logging.getLogger("edgeswarm.models.spiking")
@@ -63,6 +64,8 @@ class _Layer:
 @dataclass(frozen=True)
 class _Relu:
     name: str
+    #: a QCFS layer's trained clip (the activation its neurons' threshold stands for)
+    threshold: float | None = None
 
 
 @dataclass(frozen=True)
@@ -128,14 +131,19 @@ def convert(module: nn.Module, calibration: torch.Tensor, percentile: float = PE
             continue
         y = item(x)
         last = i == layers[-1]
+        relu = items[i + 1] if not last else None
+        assert relu is None or isinstance(relu, _Relu)  # _normalize put it there
         if last:
             scale = torch.ones(y.shape[1], dtype=torch.float64)
+        elif relu is not None and relu.threshold is not None:
+            scale = torch.full((y.shape[1],), relu.threshold, dtype=torch.float64)
         else:
             scale = _scale(torch.relu(y), percentile, channelwise)
         if not ops:  # the first layer: how large its drive gets, in thresholds
             drive = float((y / scale.reshape((-1,) + (1,) * (y.ndim - 2))).abs().max())
         if not last:
-            y = torch.relu(y)
+            y = torch.relu(y) if relu is None or relu.threshold is None else torch.clamp(
+                y, 0.0, relu.threshold)
         ops.append(_balanced(item, in_scale, scale, shape, tuple(y.shape[1:]), not last))
         x, in_scale = y, scale.reshape((-1,) + (1,) * (y.ndim - 2))
     net = _fixed_point(tuple(calibration.shape[1:]), tuple(prefix), ops, frac_bits, v_init,
@@ -278,6 +286,8 @@ def _leaf(name: str, m: nn.Module) -> list[_Item]:
         return [_BatchNorm(name, m)]  # type: ignore[list-item]  # folded by _normalize
     if isinstance(m, nn.ReLU):
         return [_Relu(name)]
+    if isinstance(m, QCFS):
+        return [_Relu(name, float(m.threshold.detach().reshape(-1)[0]))]
     if isinstance(m, nn.MaxPool2d):
         if _pair(m.padding) != (0, 0) or _pair(m.dilation) != (1, 1) or m.ceil_mode:
             raise InvalidInput(f"layer {name!r}: only max-pools without padding, dilation "
@@ -291,7 +301,7 @@ def _leaf(name: str, m: nn.Module) -> list[_Item]:
     if isinstance(m, (nn.Dropout, nn.Identity)):
         return []
     raise InvalidInput(f"layer {name!r} ({type(m).__name__}) has no spiking equivalent; "
-                       "convertible: Linear, Conv2d, BatchNorm, ReLU, MaxPool2d, Flatten")
+                       "convertible: Linear, Conv2d, BatchNorm, ReLU, QCFS, MaxPool2d, Flatten")
 
 
 @dataclass(frozen=True)

@@ -91,8 +91,11 @@ class SnnExecutable(Executable):
         spec = self.confidence
         if spec is None or spec.threshold > 1.0:  # NEVER
             return None
-        threshold = spec.threshold
-        return lambda logits, _step: confidence(logits) >= threshold
+        threshold, first = spec.threshold, spec.min_steps
+
+        def rule(logits: torch.Tensor, step: int) -> torch.Tensor:
+            return (confidence(logits) >= threshold) & (step >= first)
+        return rule
 
     def save(self, path: str | Path) -> Path:
         """Write the ``.snn`` artifact (the suffix is added when missing)."""
@@ -116,14 +119,17 @@ def compile_snn(module: torch.nn.Module, calibration: Sequence[Any] | None, outp
                 input_names: Sequence[str] = ("input",),
                 output_names: Sequence[str] = ("logits",), timesteps: int | None = None,
                 max_loss: float = MAX_LOSS, tolerance: float = TOLERANCE,
-                percentile: float = PERCENTILE) -> SnnExecutable:
+                percentile: float = PERCENTILE,
+                reference: torch.nn.Module | None = None) -> SnnExecutable:
     """Convert ``module``, choose its timesteps and early exit, write ``output`` if given.
 
     ``calibration``: batch-first inputs that balance the thresholds (required).
     ``heldout``: labelled ``(inputs, labels)`` to choose the timesteps (the fewest in
     :data:`TIMESTEP_GRID` within ``tolerance`` of the ANN's accuracy, unless
     ``timesteps`` is given) and to calibrate the confidence threshold for ``max_loss``;
-    without it the calibration inputs labelled by the ANN stand in.
+    without it the calibration inputs labelled by the ANN stand in. ``reference``: the
+    ANN to measure against when ``module`` is a copy fine-tuned for conversion (QCFS,
+    see :mod:`~edgeswarm.models.spiking.tuned`); by default ``module`` itself.
     """
     if not calibration:
         raise InvalidInput("runtime 'snn' needs calibration data (batch-first real samples) "
@@ -138,21 +144,22 @@ def compile_snn(module: torch.nn.Module, calibration: Sequence[Any] | None, outp
     else:
         x, labels = calib[:MAX_HELDOUT], None
     with torch.inference_mode():
-        ann = module.eval()(x).argmax(-1)
+        ann = (reference if reference is not None else module).eval()(x).argmax(-1)
     if labels is None:
         labels = ann  # agreement with the ANN stands in for accuracy
-    reference = float((ann == labels).double().mean())
+    ann_accuracy = float((ann == labels).double().mean())
     longest = timesteps or TIMESTEP_GRID[-1]
     run = simulate_batched(net, x, longest)
     accuracy = (run.logits.argmax(-1) == labels).double().mean(1)  # after each step
     if timesteps is None:
-        timesteps = next((t for t in TIMESTEP_GRID if accuracy[t - 1] >= reference - tolerance),
-                         longest)
+        timesteps = next((t for t in TIMESTEP_GRID
+                          if accuracy[t - 1] >= ann_accuracy - tolerance), longest)
     cal = calibrate(run.logits[:timesteps], max_loss, labels)
     spec = ConfidenceSpec(**asdict(cal))
-    log.info("snn: %d steps (accuracy %.4f, ANN %.4f); early exit at confidence %.4f: "
-             "%.2f mean steps, accuracy %.4f", timesteps, float(accuracy[timesteps - 1]),
-             reference, cal.threshold, cal.mean_steps, cal.accuracy)
+    log.info("snn: %d steps (accuracy %.4f, ANN %.4f); early exit at confidence %.4f from "
+             "step %d: %.2f mean steps, accuracy %.4f", timesteps,
+             float(accuracy[timesteps - 1]), ann_accuracy, cal.threshold, cal.min_steps,
+             cal.mean_steps, cal.accuracy)
     exe = SnnExecutable(net, timesteps, spec, None, input_names, output_names)
     if output is not None:
         exe.save(output)

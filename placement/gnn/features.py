@@ -364,6 +364,7 @@ def _codec_candidates(tb: Tables, P: np.ndarray,
     edge_slack = (S[ev[e]] - F[es[e]] - cur_cost) / T
     pick = np.ones((len(e), C), dtype=bool)
     pick[np.arange(len(e)), cur] = False
+    pick &= tb.valid[e]
     ei, ci = np.nonzero(pick)
     feats = np.stack([
         saved[ei, ci] / T, edge_slack[ei], slack[ev[e][ei]] / T,

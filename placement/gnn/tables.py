@@ -51,6 +51,7 @@ class Tables:
     ratio: FloatArray       # C
     enc: FloatArray         # C: FLOPs per byte
     dec: FloatArray         # C
+    valid: np.ndarray       # E × C bool: the codec may go on the edge (CodecSpec.edges)
     _costs: dict[bool, tuple[FloatArray, np.ndarray]] = field(default_factory=dict)
 
     @classmethod
@@ -96,6 +97,8 @@ class Tables:
             ratio=np.array([c.ratio for c in specs]),
             enc=np.array([c.encode_flops_per_byte for c in specs]),
             dec=np.array([c.decode_flops_per_byte for c in specs]),
+            valid=np.array([[p.codec_allowed(c, s, d) for c in names] for s, d, _ in edges],
+                           dtype=bool).reshape(len(edges), len(names)),
         )
 
     @property
@@ -121,7 +124,7 @@ class Tables:
                     with_c = (b * self.enc[c] / self.flops[None, :, None] + self.lat[None]
                               + b * self.ratio[c] * self.ibw[None]
                               + b * self.dec[c] / self.flops[None, None, :])
-                    better = with_c < cost
+                    better = (with_c < cost) & self.valid[:, c, None, None]
                     cost = np.where(better, with_c, cost)
                     pick[better] = c
             diag = np.arange(m)
@@ -156,6 +159,8 @@ class Tables:
         nbytes = float(self.eb[e])
         best, best_name = np.inf, "none"
         for c, name in enumerate(self.codec_names):
+            if not self.valid[e, c]:
+                continue
             worst = 0.0
             for j in gd:
                 if j in gs:

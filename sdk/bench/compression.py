@@ -6,7 +6,10 @@ On the held-out real scenes, measured in one run:
   fp32, 32 KiB a sample): ``none`` (raw fp32), ``fp16``, ``int8`` (+ zstd) with the
   teacher's tail, and the ``learned`` codec at every β with its fine-tuned tail;
 - **input codecs**: the image itself as PNG, JPEG and WebP at several qualities, then
-  the whole unsplit teacher.
+  the whole unsplit teacher;
+- **end to end** (key ``e2e``, :mod:`edgeswarm.bench.compression_e2e`): the model split at
+  the same cut over two agent processes of the testbed on a 10 Mbit/s, 20 ms link, p50
+  latency with each codec against none (``e2e_requests=None`` skips it: ``"e2e": null``).
 
 Every sample is encoded and decoded on its own (one request, one message), so
 ``bytes_per_sample`` is the size of a one-sample message, header included; ``encode_ms``
@@ -49,8 +52,10 @@ Clock = Callable[[], float]
 
 def run(betas: Sequence[float] | None = None, samples: int | None = None,
         timed: int = TIMED, split: str = SPLIT, progress: Progress | None = None,
-        clock: Clock = time.perf_counter) -> dict[str, Any]:
-    """Measure every codec; returns ``{"points": [...], "teacher_accuracy": a}``."""
+        clock: Clock = time.perf_counter, e2e_requests: int | None = None) -> dict[str, Any]:
+    """Measure every codec; returns ``{"points": [...], "teacher_accuracy": a, "e2e": ...}``
+    (``e2e``: the end-to-end run with ``e2e_requests`` requests per codec, None when
+    ``e2e_requests`` is None)."""
     import torch
 
     from edgeswarm.models import codecs, zoo
@@ -59,6 +64,10 @@ def run(betas: Sequence[float] | None = None, samples: int | None = None,
 
     if samples is not None and samples < 1:
         raise InvalidInput(f"--samples must be at least 1, got {samples}")
+    if e2e_requests is not None and e2e_requests < 1:
+        raise InvalidInput(f"--e2e-requests must be at least 1, got {e2e_requests}")
+    if e2e_requests is not None and split != SPLIT:
+        raise InvalidInput(f"the end-to-end run cuts after {SPLIT!r}; skip it for another cut")
     say = progress or (lambda _msg: None)
     say("loading scene-cnn")
     model = zoo.load("scene-cnn")
@@ -94,7 +103,12 @@ def run(betas: Sequence[float] | None = None, samples: int | None = None,
                                                     labels_np)))
     finally:
         torch.set_num_threads(saved_threads)
-    return {"points": points, "teacher_accuracy": teacher}
+    e2e = None
+    if e2e_requests is not None:
+        from edgeswarm.bench import compression_e2e
+
+        e2e = compression_e2e.run(e2e_requests, progress=say)
+    return {"points": points, "teacher_accuracy": teacher, "e2e": e2e}
 
 
 def feature_point(codec: Codec, features: np.ndarray, tail: Any, labels: np.ndarray,

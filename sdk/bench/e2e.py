@@ -273,10 +273,10 @@ def _churn(tb: Testbed, dep: Deployment, inputs: list[Inputs], expected: list[Ou
 
 def _settle(tb: Testbed, timeout_s: float, window_s: float = 0.5) -> None:
     """Wait until the agent processes are idle (together under :data:`IDLE_CORES` over
-    ``window_s``), or ``timeout_s``. An agent announces itself before it imports what a
-    deploy needs (torch, ONNX Runtime: ~2 s of CPU each); N of them doing that on this
-    machine's few cores would slow the first requests of the others, which real devices,
-    each with its own CPU, do not do to each other."""
+    ``window_s``), or ``timeout_s``. An agent announces itself before its warm-up (timing
+    int8, importing torch and ONNX Runtime: ~1.2 s of CPU each, at a lower priority); N of
+    them doing that on this machine's few cores would slow the first requests of the
+    others, which real devices, each with its own CPU, do not do to each other."""
     import psutil
 
     procs = []

@@ -2,7 +2,12 @@
 
 Per model, on its whole held-out set:
 
-- ``ann_accuracy`` and ``ann_macs`` (multiply-accumulates per inference) of the ANN;
+- ``ann_accuracy`` and ``ann_macs`` (multiply-accumulates per inference) of the ANN as
+  trained (the zoo model): the reference every target is measured against;
+- ``converted_from``: ``trained`` when the SNN is converted from that ANN, else the
+  fine-tuning it is converted from (:mod:`edgeswarm.models.spiking.tuned`: scene-cnn's
+  QCFS and through-time stages), whose own accuracy as an ANN is
+  ``converted_ann_accuracy``;
 - ``by_T``: the converted SNN after T in {1, 2, 4, 8, 16, 32} steps: accuracy, mean
   synaptic operations (``sops``: spike-driven additions) per inference and batch-1
   latency (``latency_ms`` in the executor's ``auto`` mode, ``event_latency_ms`` forcing
@@ -10,7 +15,8 @@ Per model, on its whole held-out set:
   one 32-step run gives every T's accuracy and SOPs; latencies are timed per T;
 - ``timesteps``: the fewest T within ``tolerance`` (1 point) of the ANN's accuracy;
 - ``dynamic``: early exit by output confidence with at most ``timesteps`` steps, the
-  threshold calibrated for ``max_loss`` (0.5 point) further loss. Calibrating and scoring
+  threshold (and the earliest step an input may stop at) calibrated for ``max_loss``
+  (0.5 point) further loss. Calibrating and scoring
   on the same inputs would flatter it, so it is cross-fitted: the held-out set is split
   in five folds (a seeded permutation), each scored with the threshold calibrated on the
   other four.
@@ -88,14 +94,18 @@ def _bench_model(name: str, grid: tuple[int, ...], rounds: int, budget_s: float,
 
     from edgeswarm.models import zoo
     from edgeswarm.models.spiking import convert, simulate_batched
+    from edgeswarm.models.spiking.tuned import RECIPES, for_conversion
 
-    say(f"{name}: loading and converting")
+    say(f"{name}: loading" + (", fine-tuning for few steps (first use only)"
+                              if name in RECIPES else "") + " and converting")
     model = zoo.load(name)
     assert model.heldout.labels is not None, "the ReLU zoo models are labelled"
     x, labels = model.heldout.inputs[0], model.heldout.labels
-    net = convert(model.module, model.calibration[0])
+    source = for_conversion(model)
+    net = convert(source, model.calibration[0])
     with torch.inference_mode():
         ann_accuracy = float((model.module(x).argmax(-1) == labels).double().mean())
+        source_accuracy = float((source(x).argmax(-1) == labels).double().mean())
     longest = grid[-1]
     say(f"{name}: {longest} steps on {len(x)} held-out inputs")
     full = simulate_batched(net, x, longest)
@@ -106,13 +116,18 @@ def _bench_model(name: str, grid: tuple[int, ...], rounds: int, budget_s: float,
     dynamic = _dynamic(full.logits[:chosen], labels, cumulative[:chosen], max_loss)
     say(f"{name}: timing batch 1, interleaved")
     latency, event_latency, dynamic_ms, ann_ms = _latencies(
-        net, model.module, x, grid, chosen, dynamic["threshold"], rounds, budget_s)
+        net, model.module, x, grid, chosen, dynamic["threshold"], dynamic["min_steps"],
+        rounds, budget_s)
     dynamic["latency_ms"] = dynamic_ms
     by_t = [{"T": t, "accuracy": round(float(accuracy[t - 1]), 5),
              "sops": round(float(cumulative[t - 1].mean()), 1),
              "latency_ms": latency[t], "event_latency_ms": event_latency[t]}
             for t in grid]
+    recipe = RECIPES.get(name)
     return {"ann_accuracy": round(ann_accuracy, 5), "ann_macs": net.ann_macs(),
+            "converted_from": "trained" if recipe is None else
+            f"qcfs-L{recipe.qcfs.levels}+through-time-T{recipe.through_time.steps}",
+            "converted_ann_accuracy": round(source_accuracy, 5),
             "input_macs": net.input_macs(), "ann_latency_ms": ann_ms, "heldout": len(x),
             "timesteps": chosen, "by_T": by_t, "dynamic": dynamic}
 
@@ -128,23 +143,27 @@ def _dynamic(logits: torch.Tensor, labels: torch.Tensor, cumulative: torch.Tenso
     order = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
     pred = torch.empty(n, dtype=torch.int64)
     steps = torch.empty(n, dtype=torch.int64)
-    thresholds = []
+    thresholds, firsts = [], []
     for score in order.chunk(FOLDS):
         fit = order[~torch.isin(order, score)]
         cal = calibrate(logits[:, fit], max_loss)
         thresholds.append(round(cal.threshold, 6))
-        pred[score], steps[score] = exit_predictions(logits[:, score], cal.threshold)
+        firsts.append(cal.min_steps)
+        pred[score], steps[score] = exit_predictions(logits[:, score], cal.threshold,
+                                                     cal.min_steps)
     whole = calibrate(logits, max_loss, labels)  # what a compiled artifact would carry
     return {"accuracy": round(float((pred == labels).double().mean()), 5),
             "mean_T": round(float(steps.double().mean()), 3),
             "sops": round(float(cumulative[steps - 1, torch.arange(n)].mean()), 1),
             "T_max": int(logits.shape[0]),
             "full_accuracy": round(float((logits[-1].argmax(-1) == labels).double().mean()), 5),
-            "threshold": whole.threshold, "fold_thresholds": thresholds}
+            "threshold": whole.threshold, "min_steps": whole.min_steps,
+            "fold_thresholds": thresholds, "fold_min_steps": firsts}
 
 
 def _latencies(net: SpikingNetwork, module: torch.nn.Module, x: torch.Tensor,
-               grid: tuple[int, ...], chosen: int, threshold: float, rounds: int,
+               grid: tuple[int, ...], chosen: int, threshold: float, min_steps: int,
+               rounds: int,
                budget_s: float,
                ) -> tuple[dict[int, float], dict[int, float], float, float]:
     """Batch-1 medians in ms: auto and event mode per T, dynamic exit, and the ANN."""
@@ -165,8 +184,8 @@ def _latencies(net: SpikingNetwork, module: torch.nn.Module, x: torch.Tensor,
         with torch.inference_mode():
             return module(one)
 
-    def stop(logits: torch.Tensor, _step: int) -> torch.Tensor:
-        return confidence(logits) >= threshold
+    def stop(logits: torch.Tensor, step: int) -> torch.Tensor:
+        return (confidence(logits) >= threshold) & (step >= min_steps)
 
     calls = [spiking(t, "auto") for t in grid]
     calls += [spiking(t, "event") for t in grid]
@@ -209,6 +228,9 @@ def bench_snn_cmd(
                       caption=f"{r['heldout']} held-out inputs, {result['threads']} threads")
         table.add_row("ANN", "-", f"{r['ann_accuracy']:.4f}", "-", "-",
                       f"{r['ann_latency_ms']:.3f}", "-")
+        if r["converted_from"] != "trained":
+            table.add_row(f"ANN {r['converted_from']}", "-",
+                          f"{r['converted_ann_accuracy']:.4f}", "-", "-", "-", "-")
         for row in r["by_T"]:
             mark = " *" if row["T"] == r["timesteps"] else ""
             table.add_row(f"SNN{mark}", str(row["T"]), f"{row['accuracy']:.4f}",

@@ -22,7 +22,7 @@ import torch
 from torch.distributed import PrefixStore, ProcessGroupGloo, TCPStore
 
 from edgeswarm.device_agent import wire
-from edgeswarm.device_agent.dataplane import DataPlane, Shaping, StoreHost
+from edgeswarm.device_agent.dataplane import DataPlane, Shaping, StoreHost, store_prefix
 from edgeswarm.placement.errors import DeviceLost, InvalidInput, ProtocolError
 
 TIMEOUT_S = 5.0
@@ -293,7 +293,7 @@ def _hostile_peer(port: int, generation: int) -> ProcessGroupGloo:
     options = ProcessGroupGloo._Options()
     options._devices = [ProcessGroupGloo.create_device(hostname="127.0.0.1")]
     options._timeout = t
-    return ProcessGroupGloo(PrefixStore(f"gen/{generation}", client), 1, 2, options)
+    return ProcessGroupGloo(PrefixStore(store_prefix("", generation), client), 1, 2, options)
 
 
 _VALID_HEAD = struct.pack("<4sHqI", b"ESW1", 1, 0, 1)  # one tensor follows

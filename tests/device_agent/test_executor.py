@@ -113,8 +113,7 @@ def linear_shard(sid: str, device: str, path: Path, recv_from: list[int], send_t
 
 def join(manifest: Manifest, devices: list[str]) -> list[DataPlane]:
     """The coordinator's plane and each device's, joined concurrently."""
-    return together(lambda: DataPlane("127.0.0.1", manifest.store_port, 0,
-                                      manifest.world_size, manifest.generation, TIMEOUT_S),
+    return together(lambda: open_plane(manifest, "coordinator"),
                     *[lambda d=d: open_plane(manifest, d) for d in devices])
 
 
@@ -281,7 +280,7 @@ def test_bad_setups_are_refused(store: StoreHost, tmp_path: Path) -> None:
             ShardExecutor(m, "pi", {"lin": path}, plane, speed=0)
         unknown = m.model_copy(update={"shards": [
             m.shards[0].model_copy(update={"builder": "nope"})]})
-        with pytest.raises(InvalidInput, match=r"builder 'nope'.*registered: test-linear"):
+        with pytest.raises(InvalidInput, match=r"builder 'nope'.*known: .*test-linear"):
             ShardExecutor(unknown, "pi", {"lin": path}, plane)
         with pytest.raises(InvalidInput, match="already registered"):
             register_builder("test-linear", lambda w, p: lambda xs: xs)
@@ -360,7 +359,7 @@ def test_a_two_stage_onnx_pipeline_across_processes_matches_the_whole_model(
             "speed": 1.0})], stdout=subprocess.PIPE, text=True)
         for dev, sid, path in (("dev1", "s1", path1), ("dev2", "s2", path2))]
     try:
-        coord = DataPlane("127.0.0.1", store.port, 0, 3, 1, timeout_s=30.0)
+        coord = open_plane(m, "coordinator")
         rng = np.random.default_rng(3)
         xs = [rng.standard_normal((n, 8)).astype(np.float32) for n in (1, 3, 5)]
         ys = []

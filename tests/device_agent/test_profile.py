@@ -83,3 +83,40 @@ def test_measuring_does_not_import_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=60)
     assert out.stdout.strip() == "False"
+
+
+def test_timing_loops_stop_after_steps_or_seconds_whichever_is_first() -> None:
+    calls: list[int] = []
+    profile._ops_per_second(lambda: calls.append(1), 1.0, 10.0, ticking(0.01), steps=7)
+    assert len(calls) == 1 + 7                      # a warm-up, then the 7 timed steps
+    calls.clear()
+    profile._ops_per_second(lambda: calls.append(1), 1.0, 0.03, ticking(0.01), steps=7)
+    assert len(calls) == 1 + 3                      # the seconds ran out first
+    with pytest.raises(InvalidInput, match="steps"):
+        profile.measure("d", steps=0)
+
+
+def test_int8_can_be_measured_after_the_rest() -> None:
+    first = profile.measure("pi-1", speed=0.5, seconds=0.06, clock=ticking(),
+                            measure_int8=False)
+    assert first.int8_ops == 0.0 and first.flops > 0
+    done = profile.with_int8(first, seconds=0.03, clock=ticking())
+    whole = profile.measure("pi-1", speed=0.5, seconds=0.06, clock=ticking())
+    assert done.int8_ops == pytest.approx(whole.int8_ops)   # times the speed, like measure
+    assert done.model_copy(update={"int8_ops": 0.0}) == first
+
+
+def test_int8_runs_on_the_threads_a_shard_gets(monkeypatch) -> None:
+    import onnxruntime as ort
+
+    made: list[int] = []
+    real = ort.InferenceSession
+
+    def spy(model, options=None, **kw):
+        made.append(options.intra_op_num_threads)
+        return real(model, options, **kw)
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(ort, "InferenceSession", spy)
+    profile.int8_ops(0.02)
+    assert made == [1] == [profile.blas_threads()]

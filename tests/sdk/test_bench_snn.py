@@ -21,6 +21,9 @@ def test_bench_snn_json_has_every_key():
     m = doc["models"]["digits-mlp"]
     assert m["ann_macs"] == 64 * 128 + 128 * 64 + 64 * 10
     assert 0.9 < m["ann_accuracy"] <= 1 and m["heldout"] == 450
+    # the digits models convert as trained: the reference and the converted ANN are one
+    assert m["converted_from"] == "trained"
+    assert m["converted_ann_accuracy"] == m["ann_accuracy"]
     assert [r["T"] for r in m["by_T"]] == doc["grid"]
     for row in m["by_T"]:
         assert set(row) >= {"T", "accuracy", "sops", "latency_ms"}
@@ -30,6 +33,7 @@ def test_bench_snn_json_has_every_key():
     d = m["dynamic"]
     assert set(d) >= {"accuracy", "mean_T", "sops", "T_max", "latency_ms"}
     assert d["T_max"] == m["timesteps"] and 1 <= d["mean_T"] <= d["T_max"]
+    assert 1 <= d["min_steps"] <= d["T_max"] and len(d["fold_min_steps"]) == 5
     chosen = next(r for r in m["by_T"] if r["T"] == m["timesteps"])
     assert d["sops"] <= chosen["sops"]  # stopping early never costs more
 

@@ -16,7 +16,7 @@ from edgeswarm.device_agent.broker import EmbeddedBroker
 from edgeswarm.device_agent.manifest import LinkShape
 from edgeswarm.models import zoo
 from edgeswarm.models.runtimes import load
-from edgeswarm.placement.errors import InvalidInput, PlacementInfeasible
+from edgeswarm.placement.errors import InvalidInput, ModelFileError, PlacementInfeasible
 from edgeswarm.placement.plan import Plan
 
 SPEEDS = {"fast": 1.0, "mid": 0.5, "slow": 0.25}
@@ -99,7 +99,7 @@ def test_placing_on_an_empty_cluster_names_the_cluster(lab) -> None:
     cluster, _ = lab
     with pytest.raises(PlacementInfeasible, match="no online device"):
         cluster.topology(without=list(SPEEDS))
-    with pytest.raises(InvalidInput, match="ONNX file"):
+    with pytest.raises(ModelFileError, match=r"ONNX file model\.onnx does not exist"):
         cluster.place("model.onnx")
     with pytest.raises(InvalidInput, match="example_inputs"):
         cluster.place(torch.nn.Linear(2, 2))

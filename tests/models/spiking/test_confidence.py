@@ -94,3 +94,17 @@ def test_on_real_held_out_data_the_exit_saves_steps_out_of_sample(mlp, mlp_net):
     early = float((pred == y[score]).double().mean())
     assert float(steps.double().mean()) <= 0.7 * 8
     assert early >= full - 0.015
+
+
+def test_a_confidently_wrong_first_step_is_skipped_not_waited_out():
+    """One step decodes every rate as 0 or 1: its softmax may be sure and wrong."""
+    logits = _synthetic(80, 20)
+    logits[0, 80:, 0] = 12.0  # the hard inputs claim class 0 at p > 0.9999 after step 1
+    cal = calibrate(logits, max_loss=0.02)
+    assert cal.min_steps == 2 and cal.disagreement == 0.0
+    assert cal.mean_steps == pytest.approx((80 * 2 + 20 * 8) / 100)
+    pred, steps = exit_predictions(logits, cal.threshold, cal.min_steps)
+    assert steps.tolist() == [2] * 80 + [8] * 20
+    assert torch.equal(pred, logits[-1].argmax(-1))
+    # with exits from step 1 only a threshold above the wrong answers' would do: none stop
+    assert exit_steps(confidence(logits), cal.threshold).tolist()[80:] == [1] * 20

@@ -165,3 +165,41 @@ def test_a_conv_layer_whose_declared_output_its_kernel_cannot_give_is_refused(tm
         h["ops"][1]["in_shape"] = [2, 7, 7]
     with pytest.raises(ModelFileError, match="declares output"):
         load(_tamper(path, tmp_path / "conv-bad.snn", header=stretch))
+
+
+def test_no_input_stops_before_the_calibrated_earliest_step(mlp, mlp_net, tmp_path):
+    from edgeswarm.models.spiking.artifact import ConfidenceSpec
+
+    spec = ConfidenceSpec(threshold=0.0, max_loss=0.005, disagreement=0.0, mean_steps=3.0,
+                          steps=6, samples=1, min_steps=3)  # any confidence stops ...
+    exe = SnnExecutable(mlp_net, 6, spec)
+    x = mlp.heldout.inputs[0][:20]
+    assert exe.simulate([x]).steps.tolist() == [3] * 20  # ... but only from step 3
+    again = load(exe.save(tmp_path / "early"))
+    assert again.confidence.min_steps == 3
+    assert again.simulate([x]).steps.tolist() == [3] * 20
+
+
+def test_the_digits_models_convert_as_trained(mlp, cnn):
+    from edgeswarm.models.spiking.tuned import RECIPES, for_conversion
+
+    assert for_conversion(mlp) is mlp.module and for_conversion(cnn) is cnn.module
+    assert set(RECIPES) == {"scene-cnn"}
+
+
+@pytest.mark.slow
+def test_scene_cnn_converts_from_its_few_step_copy(tmp_path):
+    """The fine-tuned copy (cached; trained on first use, ~2-3 min on one core) halves the
+    steps of the plain conversion and its exit halves them again; stated tolerance on the
+    whole held-out set: 1 point (steps) + 0.5 (exit) + 0.5 of slack."""
+    from edgeswarm.models import zoo
+
+    scene = zoo.load("scene-cnn")
+    exe = compile("scene-cnn", "snn", output=tmp_path / "scene")
+    assert exe.timesteps <= 16  # 32 converted as trained
+    assert exe.confidence is not None and exe.confidence.mean_steps <= 0.6 * exe.timesteps
+    x, y = scene.heldout.inputs[0], scene.heldout.labels
+    with torch.inference_mode():
+        ann = float((scene.module(x).argmax(-1) == y).double().mean())  # the zoo's ANN
+    snn = float((torch.from_numpy(exe.run([x.numpy()])[0]).argmax(-1) == y).double().mean())
+    assert snn >= ann - 0.02
