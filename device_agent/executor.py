@@ -67,8 +67,8 @@ def register_builder(name: str, fn: Builder) -> None:
 GroupBuilder = Callable[[dict[str, np.ndarray], dict[str, Any], DataPlane, list[int]], Run]
 GROUP_BUILDERS: dict[str, GroupBuilder] = {}
 #: Modules that register the builders of edgeswarm's own shard kinds, imported on first use.
-_BUILDER_MODULES = {"tp-llama": "edgeswarm.models.tp.deploy",
-                    "tp-bert": "edgeswarm.models.tp.deploy"}
+_BUILDER_MODULES = {"tp-llama": "edgeswarm.device_agent.tp_group",
+                    "tp-bert": "edgeswarm.device_agent.tp_group"}
 
 
 def register_group_builder(name: str, fn: GroupBuilder) -> None:

@@ -237,7 +237,7 @@ class Cluster:
 
         m = prepare(model, example_inputs)
         if tp:
-            from edgeswarm.models.tp.deploy import max_members
+            from edgeswarm.models.tp.shards import max_members
             from edgeswarm.tp_plans import place_group
 
             if codecs:

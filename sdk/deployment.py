@@ -264,7 +264,7 @@ class Deployment:
                 why = f"{why}; device {d} {status}"
         topology = self.cluster.topology()
         if group_of(self.plan) is not None:  # the best group among the devices left
-            from edgeswarm.models.tp.deploy import max_members
+            from edgeswarm.models.tp.shards import max_members
 
             plan = place_group(self.model.graph, topology, max_members(self.model.module))
             moved = sum(plan.assignments[t] != self.plan.assignments.get(t)

@@ -3,7 +3,7 @@
 A deployed tensor-parallel plan puts every splittable task (attention, MLP) of a zoo
 transformer on one group of devices, split in proportion to their speeds, and the rest
 (embeddings, norms) on the group's first, fastest member; see
-:mod:`edgeswarm.models.tp.deploy` for what each member runs. :func:`place_group` picks the
+:mod:`edgeswarm.models.tp.shards` for what each member runs. :func:`place_group` picks the
 group the simulator predicts fastest among the k fastest devices for every k, so a
 re-plan after a member leaves is the same choice over the devices left.
 """
@@ -78,7 +78,7 @@ class GroupShards:
 
     def __init__(self, server: ArtifactServer, module: Any,
                  directory: Path | None = None) -> None:
-        from edgeswarm.models.tp.deploy import BUILDER, kind_of
+        from edgeswarm.models.tp.shards import BUILDER, kind_of
 
         kind = kind_of(module)
         if kind is None:
@@ -93,7 +93,7 @@ class GroupShards:
     def members(self, group: Sequence[str], speeds: Sequence[float]
                 ) -> list[tuple[Artifact, dict[str, Any]]]:
         """Each member's artifact and shard params (sliced and added now if not yet)."""
-        from edgeswarm.models.tp.deploy import member_files
+        from edgeswarm.models.tp.shards import member_files
 
         key = (tuple(group), tuple(round(s / max(speeds), 3) for s in speeds))
         if key not in self._files:

@@ -1,7 +1,7 @@
 """``edgeswarm bench tp``: tensor-parallel minilm and smollm2 on 1, 2 and 4 emulated devices.
 
 Every device is a member process pinned to one core with one torch thread
-(:mod:`edgeswarm.models.tp.runner`); the 1-device baseline runs the same member program as
+(:mod:`edgeswarm.bench.tp_runner`); the 1-device baseline runs the same member program as
 a group of one, on one core too. For each run of the matrix (:func:`matrix`):
 
 - minilm: ``throughput`` in sequences/s of a batch of 8 x 128 tokens (``forward_ms``);
@@ -40,8 +40,8 @@ from edgeswarm.placement.errors import InvalidInput
 if TYPE_CHECKING:  # torch and the models load when a measurement starts, not with the CLI
     import torch
 
+    from edgeswarm.bench.tp_runner import DecodeJob, EncodeJob, GroupResult
     from edgeswarm.device_agent.dataplane import Shaping
-    from edgeswarm.models.tp.runner import DecodeJob, EncodeJob, GroupResult
 
 log = logging.getLogger("edgeswarm.bench")
 
@@ -138,7 +138,7 @@ class _ModelBench:
     def __init__(self, name: str, quick: bool, directory: Path) -> None:
         import torch
 
-        from edgeswarm.models.tp.runner import DecodeJob, EncodeJob
+        from edgeswarm.bench.tp_runner import DecodeJob, EncodeJob
 
         self.name = name
         self.model: Any
@@ -172,9 +172,9 @@ class _ModelBench:
                                   sizes["check_steps"])
 
     def shards(self, devices: int) -> list[Path]:
+        from edgeswarm.bench.tp_runner import write_shards
         from edgeswarm.models.tp.bert import bert_shape
         from edgeswarm.models.tp.llama import llama_shape
-        from edgeswarm.models.tp.runner import write_shards
         from edgeswarm.models.tp.split import split_layers
 
         if devices not in self._shards:
@@ -187,7 +187,7 @@ class _ModelBench:
         return self._shards[devices]
 
     def measure(self, case: Case, repeats: int) -> dict[str, Any]:
-        from edgeswarm.models.tp.runner import EncodeJob, GroupOptions, run_group
+        from edgeswarm.bench.tp_runner import EncodeJob, GroupOptions, run_group
 
         options = GroupOptions(algorithm=case.allreduce, link=_link(case.link),
                                window=case.window, repeats=repeats)
@@ -204,7 +204,7 @@ class _ModelBench:
              ) -> dict[str, Any]:
         import numpy as np
 
-        from edgeswarm.models.tp.runner import EncodeJob
+        from edgeswarm.bench.tp_runner import EncodeJob
 
         members = result.members
         time_s = result.best_time_s()
@@ -332,8 +332,8 @@ def _collectives(quick: bool) -> list[dict[str, Any]]:
     """All-reduces alone: decode-sized (1 x 576) and prefill-sized (128 x 576, minilm's
     8 x 128 x 384) float32, every algorithm, 2 and 4 processes, no link; with 0.3 ms of
     work between two (about one sub-block of decoding on one core)."""
+    from edgeswarm.bench.tp_runner import CollectiveJob, GroupOptions, run_collectives
     from edgeswarm.models.tp.collective import predict_times
-    from edgeswarm.models.tp.runner import CollectiveJob, GroupOptions, run_collectives
 
     shapes: tuple[tuple[int, ...], ...] = ((1, 576),) if quick else (
         (1, 576), (128, 576), (8, 128, 384))

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgeswarm.models.tp.llama import llama_shape, reference_generation
-from edgeswarm.models.tp.runner import (
+from edgeswarm.bench.tp_runner import (
     CollectiveJob,
     DecodeJob,
     EncodeJob,
@@ -22,6 +21,7 @@ from edgeswarm.models.tp.runner import (
     run_group,
     write_shards,
 )
+from edgeswarm.models.tp.llama import llama_shape, reference_generation
 from edgeswarm.models.tp.split import split_layers
 from edgeswarm.models.zoo.llama import LlamaConfig, LlamaForCausalLM
 from edgeswarm.placement.errors import DeviceLost, InvalidInput, ModelFileError

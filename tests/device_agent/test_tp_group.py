@@ -16,7 +16,7 @@ from safetensors.numpy import load_file, save_file
 from edgeswarm.device_agent.dataplane import StoreHost
 from edgeswarm.device_agent.executor import ShardExecutor, open_plane
 from edgeswarm.device_agent.manifest import Artifact, Manifest, Shard
-from edgeswarm.models.tp.deploy import member_files, unpack
+from edgeswarm.models.tp.shards import member_files, unpack
 from edgeswarm.models.zoo.bert import BertConfig
 from edgeswarm.models.zoo.llama import LlamaConfig, LlamaForCausalLM
 from edgeswarm.models.zoo.minilm import SentenceEncoder

@@ -2,9 +2,9 @@
 
 The SDK slices a zoo transformer for a group of devices (:func:`member_files`: one
 safetensors file per member holding only its slice, and the JSON ``params`` its shard
-carries); an agent's executor builds the member program from them (:func:`build`,
-registered as the group builders ``tp-bert`` and ``tp-llama``) and runs it with the
-all-reduces of its ``tp_group`` over the deployment generation's data plane.
+carries); an agent reads them back (:func:`unpack`) and runs :func:`member_program` with
+the all-reduces of its ``tp_group`` over the deployment generation's data plane
+(:mod:`edgeswarm.device_agent.tp_group`, the group builders ``tp-bert`` and ``tp-llama``).
 
 A request runs the whole model on the group: minilm's sentence embeddings (the encoder,
 then mean pooling and L2 normalization as the zoo module does), smollm2's logits for every
@@ -22,10 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeswarm.device_agent.dataplane import DataPlane, Shaping
-from edgeswarm.device_agent.executor import register_group_builder
 from edgeswarm.models.tp.bert import BertMember, bert_shape, slice_bert
-from edgeswarm.models.tp.collective import PlaneCollective
+from edgeswarm.models.tp.collective import Collective
 from edgeswarm.models.tp.llama import LlamaMember, MemberShard, llama_shape, slice_llama
 from edgeswarm.models.tp.split import split_layers
 from edgeswarm.models.zoo.llama import LlamaForCausalLM
@@ -149,18 +147,10 @@ def unpack(weights: Mapping[str, np.ndarray], params: Mapping[str, Any]) -> Memo
     return MemoryStore(layers, extra, meta)
 
 
-def build(weights: dict[str, np.ndarray], params: dict[str, Any], plane: DataPlane,
-          group: list[int]) -> Run:
-    """The member program of one shard, as the executor runs it."""
-    store = unpack(weights, params)
-    link = params.get("link")
-    try:
-        shaping = (Shaping(float(link["latency_s"]), float(link["bandwidth_Bps"]))
-                   if link else None)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise InvalidInput(f"tensor-parallel shard param 'link' {link!r} is not "
-                           f"{{latency_s, bandwidth_Bps}} ({exc!r})") from None
-    coll = PlaneCollective(plane, group, str(params.get("allreduce", "auto")), link=shaping)
+def member_program(store: MemoryStore, coll: Collective) -> Run:
+    """What one member runs per request: the whole model's output, all-reducing with
+    ``coll``. Minilm: sentence embeddings (the encoder, mean pooling, L2 normalization as
+    the zoo module does); smollm2: the logits of every position."""
     kind = store.meta.get("kind")
     if kind == "bert":
         bert = BertMember(store, coll)
@@ -190,7 +180,3 @@ def _two(inputs: list[np.ndarray], what: str) -> tuple[torch.Tensor, torch.Tenso
     if len(inputs) != 2:
         raise InvalidInput(f"minilm takes two inputs ({what}), got {len(inputs)}")
     return torch.from_numpy(inputs[0]).long(), torch.from_numpy(inputs[1]).long()
-
-
-for _kind, _name in BUILDER.items():
-    register_group_builder(_name, build)

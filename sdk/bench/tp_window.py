@@ -8,7 +8,7 @@ all-reduces are the identity, so the figures are its compute and memory without 
 links (the runner's group runs add the communication, :mod:`.runner`). A fresh process per
 figure makes the peak mean something: no other run's memory is in it.
 
-``python -m edgeswarm.models.tp.window_bench`` measures a grid (members x window x mode)
+``python -m edgeswarm.bench.tp_window`` measures a grid (members x window x mode)
 and prints a table or, with ``--json``, one JSON object; the figures in docs/tp.md
 ("Sliding window") come from it.
 """
@@ -50,8 +50,8 @@ def _alone(rank: int, size: int) -> Any:
 
 def write_smollm2_shards(directory: Path, members: int) -> list[Path]:
     """SmolLM2 cut for ``members`` equal members (the runner's split), one shard each."""
+    from edgeswarm.bench.tp_runner import write_shards
     from edgeswarm.models.tp.llama import llama_shape
-    from edgeswarm.models.tp.runner import write_shards
     from edgeswarm.models.tp.split import split_layers
     from edgeswarm.models.zoo.smollm2 import load_lm
 
@@ -71,7 +71,7 @@ def measure_window(shard_dir: Path, window: int | None, *, mode: str = "mmap",
     if window is not None and (isinstance(window, bool) or not isinstance(window, int)
                                or window < 1):
         raise InvalidInput(f"window must be None or an int >= 1, got {window!r}")
-    args = [sys.executable, "-m", "edgeswarm.models.tp.window_bench", "member",
+    args = [sys.executable, "-m", "edgeswarm.bench.tp_window", "member",
             str(shard_dir), "--window", "none" if window is None else str(window),
             "--mode", mode, "--prompt-tokens", str(prompt_tokens),
             "--new-tokens", str(new_tokens), "--repeats", str(repeats)]
@@ -197,7 +197,7 @@ def _table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m edgeswarm.models.tp.window_bench",
+    parser = argparse.ArgumentParser(prog="python -m edgeswarm.bench.tp_window",
                                      description=__doc__.split("\n\n")[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True)
     one = sub.add_parser("member", help="one measurement in this process (JSON line)")
