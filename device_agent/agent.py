@@ -84,6 +84,8 @@ class AgentConfig(Model):
     broker_port: int = Field(default=1883, ge=0, le=65535)   # the embedded broker's port
     key: Path | None = None               # the key file (the key itself is passed apart)
     speed: float = Field(default=1.0, gt=0)
+    #: runtimes this device is built for, first in its profile ("snn": spiking hardware)
+    prefer_runtimes: list[str] = Field(default_factory=list)
     links: dict[str, LinkShape] = Field(default_factory=dict)  # emulated, by peer; "*": others
     data_host: str = "127.0.0.1"
     data_port: int = Field(default=0, ge=0, le=65535)
@@ -163,7 +165,7 @@ class Agent:
         cfg = self.config
         # int8 is measured after the announcement, in the warm-up (_warm_up_steps)
         self.profile = profile.measure(cfg.name, speed=cfg.speed, seconds=cfg.profile_s,
-                                       measure_int8=False)
+                                       measure_int8=False, prefer=cfg.prefer_runtimes)
         self.deployments = Deployments(
             cfg.name, ArtifactStore(cfg.artifacts_dir or _cache_dir()), self.metrics,
             runtimes=self.profile.runtimes, speed=cfg.speed, data_host=cfg.data_host,

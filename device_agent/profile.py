@@ -195,11 +195,13 @@ def cores() -> int:
 
 def measure(device_id: str, speed: float = 1.0, seconds: float = 0.3,
             clock: Clock = time.perf_counter, steps: int = STEPS,
-            measure_int8: bool = True) -> DeviceProfile:
+            measure_int8: bool = True, prefer: Sequence[str] = ()) -> DeviceProfile:
     """Measure this device; ``seconds`` is the time budget of the two matmul timings together,
     ``steps`` the most multiplies each of them times. Without ``measure_int8``, ``int8_ops``
-    is 0.0 (not measured yet: see :func:`with_int8`)."""
+    is 0.0 (not measured yet: see :func:`with_int8`). ``prefer``: the runtimes this device
+    is built for, first in its list (see :func:`installed_runtimes`)."""
     check_name(device_id, "device name")
+    runtimes = installed_runtimes(prefer)  # before timing: an unknown preference fails fast
     if not speed > 0:
         raise InvalidInput(f"speed {speed} must be > 0 (1.0 = this device's real speed)")
     if not seconds > 0:
@@ -215,7 +217,7 @@ def measure(device_id: str, speed: float = 1.0, seconds: float = 0.3,
         flops=float(flops * speed),
         int8_ops=float(int8 * speed),
         memory_bytes=int(psutil.virtual_memory().available),
-        runtimes=installed_runtimes(),
+        runtimes=runtimes,
         cores=cores(),
         speed=float(speed),
         platform=platform.platform(),

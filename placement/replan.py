@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from edgeswarm.placement.cluster import Cluster
+from edgeswarm.placement.codecs import CodecSpec
 from edgeswarm.placement.errors import InvalidInput, PlacementInfeasible
 from edgeswarm.placement.heft import list_schedule
 from edgeswarm.placement.plan import Plan
@@ -67,7 +68,8 @@ class Replan:
 
 def replan(plan: Plan, graph: TaskGraph, new_cluster: Cluster, policy: str = "search",
            opts: Options | None = None, clock: Callable[[], float] | None = None,
-           old_cluster: Cluster | None = None) -> Replan:
+           old_cluster: Cluster | None = None,
+           codec_table: Mapping[str, CodecSpec] | None = None) -> Replan:
     """Adapt ``plan`` to ``new_cluster`` (devices left, joined or changed).
 
     ``policy`` is the improving policy of step 2 (``"search"`` or ``"gnn"``), or
@@ -75,13 +77,17 @@ def replan(plan: Plan, graph: TaskGraph, new_cluster: Cluster, policy: str = "se
     (default |V|, :data:`REPLAN_BUDGET`); choosing the start costs up to 6 more and the settle step
     at most one per task the improver moved. ``old_cluster`` tells which devices are new
     or changed speed; without it, devices absent from the old plan's memory table (or,
-    for a plan never simulated, unused by it) count as new. Raises
+    for a plan never simulated, unused by it) count as new. ``codec_table``: the codecs
+    the edges may carry and what they cost (default: the built-in table), so a plan whose
+    codecs were measured on the model keeps them. Raises
     :class:`PlacementInfeasible` naming the task when no device of the new cluster may
     run it or has room for it.
     """
     opts = opts or Options()
     t0 = clock() if clock else 0.0
-    p = Problem(graph, new_cluster)  # raises when a task may run on no device left
+    # raises when a task may run on no device left
+    p = Problem(graph, new_cluster) if codec_table is None else Problem(graph, new_cluster,
+                                                                        codec_table)
     calls0 = p.calls
     old = _old_groups(p, plan)
     order = list(p.default_order)

@@ -56,6 +56,10 @@ def agent_cmd(
                                      f"or ~/.config/edgeswarm/cluster.key."),
         speed: float = typer.Option(1.0, "--speed", help="Compute speed factor (< 1 emulates "
                                                          "a slower device)."),
+        prefer_runtime: list[str] | None = typer.Option(
+            None, "--prefer-runtime", help="A runtime this device is built for, listed first "
+                                           "in its profile (repeatable; snn: spiking "
+                                           "hardware)."),
         link: str | None = typer.Option(
             None, "--link", help="Emulate this link to every peer, e.g. 100mbit:5ms (testbed; "
                                  "shaped in the data plane on send)."),
@@ -98,7 +102,8 @@ def agent_cmd(
         config = AgentConfig(
             name=name, cluster=cluster, broker=broker, embedded_broker=embedded_broker,
             broker_port=broker_port, key=key_path, speed=speed,
-            links=_links(link, link_to or []), data_host=data_host,
+            prefer_runtimes=prefer_runtime or [], links=_links(link, link_to or []),
+            data_host=data_host,
             data_port=data_port, metrics_port=metrics_port, tls_ca=tls_ca, tls_cert=tls_cert,
             tls_key=tls_key, username=username, password_file=password_file,
             heartbeat_s=heartbeat, interfaces=interfaces or None, advertise=not no_advertise,

@@ -59,6 +59,7 @@ class Model:
     example_inputs: tuple[Any, ...]
     calibration: tuple[Any, ...] | None = None
     traced: Traced | None = field(default=None, repr=False)
+    zoo: bool = False   # ``name`` is a zoo model's: runtimes convert it the zoo's way
 
     @property
     def graph(self) -> TaskGraph:
@@ -87,7 +88,7 @@ def prepare(model: Any, example_inputs: Sequence[Any] | None = None) -> Model:
 
         z = zoo.load(model)
         inputs = tuple(example_inputs) if example_inputs is not None else z.example_inputs
-        return Model(z.name, z.module, inputs, tuple(z.calibration))
+        return Model(z.name, z.module, inputs, tuple(z.calibration), zoo=True)
     import torch
 
     if not isinstance(model, torch.nn.Module):
@@ -224,18 +225,28 @@ class Cluster:
     # -- planning and deploying ------------------------------------------------------
     def place(self, model: Any, example_inputs: Sequence[Any] | None = None,
               policy: str = "gnn", budget: int | None = None,
-              codecs: Sequence[str] | None = None, tp: bool = False) -> Plan:
+              codecs: Sequence[str] | None = None, tp: bool = False,
+              runtime: str | None = None) -> Plan:
         """Plan ``model`` (a zoo name or an ``nn.Module``) on the devices online now.
 
         ``codecs``: feature codecs the plan may put on cut edges (``fp16``, ``int8``,
         ``learned[:β]``), measured on the model's own activations first (see
         :mod:`edgeswarm.codec_plans`); None: layer cuts only. ``tp``: run a zoo
         transformer (minilm, smollm2) tensor-parallel on the group of fastest devices the
-        simulator predicts best (see :mod:`edgeswarm.tp_plans`); ``policy`` is not used."""
+        simulator predicts best (see :mod:`edgeswarm.tp_plans`); ``policy`` is not used.
+        ``runtime="snn"``: the whole model converted to a spiking network on the one device
+        that runs it best (spiking hardware first; see :mod:`edgeswarm.snn_plans`)."""
         from edgeswarm.placement.policies import place, solve
         from edgeswarm.placement.problem import Problem
 
         m = prepare(model, example_inputs)
+        if runtime == "snn":
+            from edgeswarm.snn_plans import place_snn
+
+            if tp or codecs:
+                raise InvalidInput("runtime 'snn' runs a whole model on one device: no "
+                                   "tensor-parallel group, no codecs")
+            return place_snn(m, self.topology(), policy)
         if tp:
             from edgeswarm.models.tp.shards import max_members
             from edgeswarm.tp_plans import place_group

@@ -25,7 +25,7 @@ import secrets
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -108,7 +108,9 @@ class Deployment:
         with self._lock:
             t0 = time.perf_counter()
             if plan is None:
-                plan = cluster.place(model, policy=policy)
+                plan = cluster.place(model, policy=policy, runtime=runtime)
+            #: the codecs a re-plan may use: those of the plan the user deployed
+            self._codec_names = sorted(set(plan.codecs.values()) - {"none"})
             self._start(plan, "initial plan", plan_s=time.perf_counter() - t0)
         # load the re-planning policy now (the GNN's imports take ~1 s), not when a device
         # is lost and requests wait for the recovery
@@ -222,6 +224,17 @@ class Deployment:
             manifest = group_manifest(self._group_shards, self.cluster.topology(), group,
                                       **common)
             export_s = time.perf_counter() - t0
+        elif self.runtime == "snn":  # the whole model, converted: see edgeswarm.snn_plans
+            from edgeswarm.snn_plans import compiled, device_of
+
+            device = device_of(plan)
+            runtimes = self._runtimes(devices)
+            exe = compiled(m).exe
+            assert exe.path is not None
+            artifacts = [self.cluster.artifact_server().add(exe.path,
+                                                            name=f"{device}-{exe.path.name}")]
+            export_s = time.perf_counter() - t0
+            manifest = manifest_for(part, artifacts, runtimes, **common)
         else:
             runtimes = self._runtimes(devices)
             artifacts = self._cache.artifacts(part, runtimes)
@@ -263,6 +276,14 @@ class Deployment:
             if status != "online" and f"device {d} " not in f"{why} ":
                 why = f"{why}; device {d} {status}"
         topology = self.cluster.topology()
+        if self.runtime == "snn":  # the best device left that runs it
+            from edgeswarm.snn_plans import place_snn
+
+            plan = place_snn(self.model, topology, self.policy)
+            moved = sum(plan.assignments[t] != self.plan.assignments.get(t)
+                        for t in plan.assignments)
+            self._start(plan, why, moved, time.perf_counter() - t0)
+            return
         if group_of(self.plan) is not None:  # the best group among the devices left
             from edgeswarm.models.tp.shards import max_members
 
@@ -272,10 +293,16 @@ class Deployment:
             self._start(plan, why, moved, time.perf_counter() - t0)
             return
         # layer cuts only: this deployment cannot run tensor-parallel groups, which
-        # replan's default options may choose; codecs of the first plan are dropped too
-        # (replan costs codecs by the default table, which lacks the measured ones)
+        # replan's default options may choose. Codecs stay possible where the first plan
+        # had them, costed by the same measurements (see edgeswarm.codec_plans).
+        opts, table = DEPLOYABLE, None
+        if self._codec_names:
+            from edgeswarm.codec_plans import measured
+
+            table = measured(self.model, self._codec_names).table
+            opts = replace(DEPLOYABLE, codecs=True)
         result = replan(self.plan, self.model.graph, topology, policy=self.policy,
-                        opts=DEPLOYABLE)
+                        opts=opts, codec_table=table)
         self._start(result.plan, why, result.tasks_moved, time.perf_counter() - t0)
 
     def _await_loss(self) -> None:
@@ -318,6 +345,9 @@ class Deployment:
             have = states[d].device.runtimes if d in states else []
             if self.runtime in have:
                 out[d] = self.runtime
+            elif self.runtime == "snn":  # not a format choice: the model itself differs
+                raise InvalidInput(f"device {d!r} does not run 'snn' (it has {have}): plan "
+                                   f"with cluster.place(model, runtime='snn')")
             elif "onnx" in have:
                 out[d] = "onnx"
             else:
@@ -331,7 +361,12 @@ class Deployment:
         sending the inputs to the first stage and the outputs back (the coordinator is not
         a device of the plan)."""
         topology = self.cluster.topology()
-        makespan = simulate(self.model.graph, topology, plan, table).makespan
+        if self.runtime == "snn":
+            from edgeswarm.snn_plans import device_of, seconds_on
+
+            makespan = seconds_on(topology, device_of(plan), self.model)
+        else:
+            makespan = simulate(self.model.graph, topology, plan, table).makespan
         states = {s.device.id: s for s in self.cluster.devices}
         first, last = part.stages[0].device, part.stages[-1].device
         if self._out_bytes is None:  # the model's outputs: the same for every plan

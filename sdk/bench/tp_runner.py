@@ -27,6 +27,7 @@ programs (:mod:`.llama`, :mod:`.bert`) only see a :class:`~.collective.Collectiv
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -290,13 +291,20 @@ def _collect(procs: Sequence[Any], results: Any, timeout_s: float) -> dict[int, 
                 continue
         _file(status, rank, payload, reports, failures)
     if failures:
-        rank, kind, message = failures[0]
-        # A peer's failure is often the echo of a member that died (its connection closed):
-        # name the dead one.
-        time.sleep(0.2)
+        # A peer's failure is often the echo of another member's (its connection closed):
+        # wait a moment for the others' reports and name the cause, not the echo.
+        end = time.monotonic() + 1.0
+        while len(reports) + len(failures) < len(procs) and time.monotonic() < end:
+            with contextlib.suppress(queue.Empty):
+                status, rank, payload = results.get(timeout=0.1)
+                _file(status, rank, payload, reports, failures)
+        rank, kind, message = next((f for f in failures if f[1] != "DeviceLost"), failures[0])
         for r, p in enumerate(procs):
             if r != rank and p.exitcode is not None and p.exitcode < 0:
                 raise _died(r, p)
+        if kind == "DeviceLost" and reports:
+            message += (f" (member(s) {sorted(reports)} had finished their job and closed "
+                        f"their connections: the members disagreed on the collectives left)")
         cls = getattr(errors, kind, None)
         text = f"tensor-parallel member {rank} failed: {message}"
         if isinstance(cls, type) and issubclass(cls, errors.Error):

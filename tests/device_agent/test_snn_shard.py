@@ -28,7 +28,8 @@ CLUSTER = "snn"
 @pytest.fixture
 def agent(mosquitto, tmp_path: Path) -> Iterator[Agent]:
     config = AgentConfig(name="npu", cluster=CLUSTER, broker=mosquitto.uri, advertise=False,
-                         profile_s=0.03, artifacts_dir=tmp_path / "art")
+                         profile_s=0.03, artifacts_dir=tmp_path / "art",
+                         prefer_runtimes=["snn"])   # spiking hardware, as --prefer-runtime
     a = Agent(config, KEY)
     a.start()
     yield a
@@ -43,6 +44,17 @@ def test_the_profile_lists_snn_and_puts_preferred_runtimes_first() -> None:
         profile.installed_runtimes(prefer=["loihi-2"])
 
 
+def test_an_agent_preferring_a_runtime_it_lacks_refuses_to_start(mosquitto,
+                                                                 tmp_path: Path) -> None:
+    config = AgentConfig(name="npu", cluster=CLUSTER, broker=mosquitto.uri, advertise=False,
+                         profile_s=0.03, artifacts_dir=tmp_path / "art",
+                         prefer_runtimes=["loihi-2"])
+    agent = Agent(config, KEY)
+    with pytest.raises(InvalidInput, match="loihi-2 not installed"):
+        agent.start()
+    agent.stop()
+
+
 def test_an_agent_runs_a_planned_snn_shard_like_compile(mosquitto, agent: Agent,
                                                         tmp_path: Path,
                                                         no_leaked_threads) -> None:
@@ -55,7 +67,7 @@ def test_an_agent_runs_a_planned_snn_shard_like_compile(mosquitto, agent: Agent,
             Coordinator(mosquitto.uri, CLUSTER, KEY) as c:
         c.wait_for(1, 10)
         (state,) = c.devices()
-        assert "snn" in state.device.runtimes  # the agent's measured profile
+        assert state.device.runtimes[0] == "snn"  # the agent's profile: preferred first
         # the planner sees the agent next to a device without the runtime
         cluster = Cluster((state.device.to_device(),
                            Device(DeviceId("gpu"), state.device.flops * 100, 1 << 34,

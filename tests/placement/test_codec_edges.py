@@ -90,3 +90,22 @@ def test_a_codec_restricted_to_edges_of_another_graph_is_never_offered():
     elsewhere = CodecSpec("learned", 0.001, 0.0, 0.0, edges=frozenset({("conv1", "conv2")}))
     plan = solve(Problem(graph, cluster, table(elsewhere)), "search", Options(tp=False))
     assert "learned" not in plan.codecs.values() and plan.codecs
+
+
+def test_a_replan_with_the_measured_table_keeps_the_learned_codec():
+    """A device joins (a second server); re-planned with the table the plan was made
+    with, the learned codec stays on its edge. The default table does not know it: it
+    is dropped."""
+    from edgeswarm.placement.replan import replan
+
+    graph, cluster = instance()
+    plan = solve(Problem(graph, cluster, table()), "search", Options(tp=False, seed=1))
+    grown = Cluster((*cluster.devices, Device(DeviceId("srv2"), 1e9, 1 << 30)),
+                    default_link=cluster.default_link)
+    kept = replan(plan, graph, grown, "search", Options(tp=False, codecs=True, seed=1),
+                  codec_table=table())
+    assert kept.plan.codecs.get(("b", "c")) == "learned"
+    assert simulate(graph, grown, kept.plan, table()).makespan == pytest.approx(
+        kept.plan.predicted_latency_s)
+    dropped = replan(plan, graph, grown, "search", Options(tp=False, codecs=True, seed=1))
+    assert "learned" not in dropped.plan.codecs.values()
