@@ -29,7 +29,7 @@ import onnx.utils
 from torch.utils import _pytree as pytree
 
 from edgeswarm.models.onnx_graph import OnnxModule, OnnxTraced, as_graph_module
-from edgeswarm.models.partition import Partition, Stage
+from edgeswarm.models.partition import Partition, Stage, device_runs
 from edgeswarm.placement.cluster import DeviceId
 from edgeswarm.placement.errors import InvalidInput
 from edgeswarm.placement.plan import Plan
@@ -102,27 +102,8 @@ def _runs(traced: OnnxTraced, plan: Plan) -> list[tuple[DeviceId, tuple[TaskId, 
                                                         list[int]]]:
     """Consecutive tasks (in graph order) on one device, with their ONNX node indices
     (input tasks have none: the model's inputs come from the coordinator)."""
-    runs: list[tuple[DeviceId, list[TaskId], list[int]]] = []
-    for task in traced.graph.tasks:
-        devices = plan.assignments.get(task.id)
-        if not devices:
-            raise InvalidInput(f"the plan does not place task {task.id!r}; plan the model's "
-                               f"own task graph ({traced.graph.name})")
-        if len(devices) > 1:
-            raise InvalidInput(f"task {task.id!r} is on a tensor-parallel group "
-                               f"{list(devices)}; an ONNX file is cut by layers, one device "
-                               f"per task")
-        idx = list(traced.onnx_nodes.get(task.id, ()))
-        if not idx:
-            continue
-        if runs and runs[-1][0] == devices[0]:
-            runs[-1][1].append(task.id)
-            runs[-1][2].extend(idx)
-        else:
-            runs.append((devices[0], [task.id], idx))
-    if not runs:
-        raise InvalidInput("the model computes nothing: no task has an operation")
-    return [(d, tuple(t), sorted(n)) for d, t, n in runs]
+    runs = device_runs(traced.graph, plan, lambda task: list(traced.onnx_nodes.get(task, ())))
+    return [(d, t, sorted(n)) for d, t, n in runs]
 
 
 def _typed(model: onnx.ModelProto, traced: OnnxTraced) -> onnx.ModelProto:

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import fx, nn
@@ -35,7 +35,9 @@ from edgeswarm.models.graph import Traced, trace
 from edgeswarm.placement.cluster import DeviceId
 from edgeswarm.placement.errors import InvalidInput
 from edgeswarm.placement.plan import Plan
-from edgeswarm.placement.taskgraph import TaskId
+from edgeswarm.placement.taskgraph import TaskGraph, TaskId
+
+N = TypeVar("N")  # one operation of a stage: an fx node, an ONNX node's index
 
 log = logging.getLogger("edgeswarm.models.partition")
 
@@ -175,23 +177,32 @@ def partition(module: nn.Module, example_inputs: Sequence[Any], plan: Plan,
 def _runs(traced: Traced, plan: Plan) -> list[tuple[DeviceId, tuple[TaskId, ...], list[fx.Node]]]:
     """Consecutive tasks (in graph order) on one device, with their nodes (placeholders
     excluded: the model's inputs come from the coordinator)."""
-    runs: list[tuple[DeviceId, list[TaskId], list[fx.Node]]] = []
-    for task in traced.graph.tasks:
+    return device_runs(traced.graph, plan, lambda task: [
+        n for n in traced.nodes[task] if n.op != "placeholder"])
+
+
+def device_runs(graph: TaskGraph, plan: Plan, ops: Callable[[TaskId], list[N]]
+                ) -> list[tuple[DeviceId, tuple[TaskId, ...], list[N]]]:
+    """Consecutive tasks of ``graph`` (in its order) on one device, with their operations
+    (``ops(task)``; a task with none, a model input, is skipped): the stages a layer-cut
+    plan makes, for a traced torch module or an ONNX file alike."""
+    runs: list[tuple[DeviceId, list[TaskId], list[N]]] = []
+    for task in graph.tasks:
         devices = plan.assignments.get(task.id)
         if not devices:
             raise InvalidInput(f"the plan does not place task {task.id!r}; plan the model's "
-                               f"own task graph ({traced.graph.name})")
+                               f"own task graph ({graph.name})")
         if len(devices) > 1:
             raise InvalidInput(f"task {task.id!r} is on a tensor-parallel group "
                                f"{list(devices)}; layer cuts need one device per task")
-        nodes = [n for n in traced.nodes[task.id] if n.op != "placeholder"]
+        nodes = ops(task.id)
         if not nodes:
             continue
         if runs and runs[-1][0] == devices[0]:
             runs[-1][1].append(task.id)
             runs[-1][2].extend(nodes)
         else:
-            runs.append((devices[0], [task.id], nodes))
+            runs.append((devices[0], [task.id], list(nodes)))
     if not runs:
         raise InvalidInput("the model computes nothing: no task has an operation")
     return [(d, tuple(t), n) for d, t, n in runs]

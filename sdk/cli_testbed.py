@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import signal
 import threading
 import time
@@ -25,6 +24,7 @@ from rich.text import Text
 
 from edgeswarm.cli_agent import _first_error
 from edgeswarm.placement.errors import InvalidInput
+from edgeswarm.quiet import quiet
 
 if TYPE_CHECKING:
     from edgeswarm.testbed import AgentStatus, Testbed
@@ -87,7 +87,7 @@ def testbed_cmd(
             raise KeyboardInterrupt(signal.Signals(signum).name)
 
     tb = Testbed(config)
-    with _signals(on_signal), _quiet():
+    with _signals(on_signal), quiet("edgeswarm.agent.coordinator", "edgeswarm.testbed"):
         try:
             if json_status:
                 tb.start()
@@ -220,17 +220,4 @@ def _signals(handler: Any) -> Iterator[None]:
         for s, h in old.items():
             signal.signal(s, h)
 
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Lost devices and churn are shown in the table; their log lines would tear it."""
-    loggers = [logging.getLogger(n) for n in ("edgeswarm.agent.coordinator", "edgeswarm.testbed")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
 

@@ -29,7 +29,6 @@ could read the first one's stale addresses.
 
 from __future__ import annotations
 
-import logging
 import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -39,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgeswarm.placement.errors import InvalidInput
+from edgeswarm.quiet import quiet
 
 if TYPE_CHECKING:
     from edgeswarm.cluster import Model
@@ -99,7 +99,7 @@ def run(requests: int = REQUESTS, *, link: str = LINK, codecs: Sequence[str] = C
     chosen = [NoneCodec() if name == "none" else known.codec(full_name(name))
               for name in codecs]
     runs = []
-    with _quiet(), _testbed(link, timeout_s) as tb:
+    with quiet(), _testbed(link, timeout_s) as tb:
         for codec in chosen:
             say(f"end to end: {codec.full_name}: deploying on {' -> '.join(DEVICES)}")
             runs.append(_one(tb, model, codec, images, labels, teacher, budget_s, timeout_s,
@@ -224,17 +224,3 @@ def _testbed(link: str, timeout_s: float) -> Iterator[Any]:
     with Testbed(config) as tb:
         yield tb
 
-
-@contextmanager
-def _quiet() -> Iterator[None]:
-    """Deployments close and coordinators leave one after another here: nothing to warn of."""
-    loggers = [logging.getLogger(n) for n in ("edgeswarm.agent.coordinator", "edgeswarm.sdk",
-                                               "edgeswarm.agent.rank0")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)

@@ -25,7 +25,6 @@ Every phase is bounded by count and by time; every wait has a timeout.
 from __future__ import annotations
 
 import contextlib
-import logging
 import secrets
 import threading
 import time
@@ -36,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgeswarm.placement.errors import Error, InvalidInput
+from edgeswarm.quiet import quiet
 
 if TYPE_CHECKING:
     from edgeswarm.cluster import Model
@@ -135,7 +135,7 @@ def run(devices: Sequence[int] = (4, 8), requests: int = 50, *, model: str = MOD
     _warm_up(prepared, policy)
     out = []
     for n in devices:
-        with _quiet():
+        with quiet():
             out.append(_one(n, prepared, inputs, expected, requests, link=link,
                             profile=profile, policy=policy, budget_s=budget_s,
                             churn_s=churn_s, timeout_s=timeout_s, say=say))
@@ -400,21 +400,6 @@ def _broker() -> Iterator[str | None]:
     finally:
         mosquitto.stop()
 
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """The coordinator and the deployment warn of every lost device and re-plan: here the
-    device is killed on purpose."""
-    loggers = [logging.getLogger(n) for n in ("edgeswarm.agent.coordinator", "edgeswarm.sdk",
-                                               "edgeswarm.agent.rank0")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
 
 
 def _pct(ms: np.ndarray, q: float) -> float:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from _support import together as _together
 from torch.distributed import PrefixStore, ProcessGroupGloo, TCPStore
 
 from edgeswarm.device_agent import wire
@@ -31,27 +32,9 @@ TIMEOUT_S = 5.0
 JOIN_S = 30.0
 
 
+
 def together(*fns: Callable[[], Any], deadline_s: float = 20.0) -> list[Any]:
-    """Run each function in its own thread; their results, or the first exception raised."""
-    results: list[Any] = [None] * len(fns)
-    errors: list[BaseException] = []
-
-    def run(i: int) -> None:
-        try:
-            results[i] = fns[i]()
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(fns))]
-    for t in threads:
-        t.start()
-    end = time.monotonic() + deadline_s
-    for t in threads:
-        t.join(max(0.0, end - time.monotonic()))
-    assert not any(t.is_alive() for t in threads), "a rank is still blocked after the deadline"
-    if errors:
-        raise errors[0]
-    return results
+    return _together(*fns, deadline_s=deadline_s)
 
 
 @pytest.fixture

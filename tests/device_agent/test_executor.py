@@ -4,12 +4,10 @@ The ONNX pipeline runs each stage in its own process, as devices would; the othe
 run ranks as threads of the test process (each with its own process group and sockets).
 """
 
-import hashlib
 import json
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from _support import artifact
+from _support import together as _together
 from safetensors.numpy import save_file
 
 from edgeswarm.device_agent import wire
@@ -36,33 +36,10 @@ from edgeswarm.placement.errors import DeviceLost, InvalidInput, ModelFileError,
 TIMEOUT_S = 30.0
 
 
+
 def together(*fns: Callable[[], Any], deadline_s: float = 30.0) -> list[Any]:
-    """Run each function in its own thread; their results, or the first exception raised."""
-    results: list[Any] = [None] * len(fns)
-    errors: list[BaseException] = []
+    return _together(*fns, deadline_s=deadline_s)
 
-    def run(i: int) -> None:
-        try:
-            results[i] = fns[i]()
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(fns))]
-    for t in threads:
-        t.start()
-    end = time.monotonic() + deadline_s
-    for t in threads:
-        t.join(max(0.0, end - time.monotonic()))
-    assert not any(t.is_alive() for t in threads), "a rank is still blocked after the deadline"
-    if errors:
-        raise errors[0]
-    return results
-
-
-def artifact(path: Path) -> Artifact:
-    data = path.read_bytes()
-    return Artifact(name=path.name, sha256=hashlib.sha256(data).hexdigest(), size=len(data),
-                    url=path.resolve().as_uri())
 
 
 def make_manifest(port: int, devices: list[str], shards: list[Shard], **extra: Any) -> Manifest:

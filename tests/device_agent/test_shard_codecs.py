@@ -3,21 +3,20 @@ a real gloo data plane (ranks as threads); bad codec lists and payloads refused 
 
 from __future__ import annotations
 
-import hashlib
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from _support import artifact
+from _support import together as _together
 from pydantic import ValidationError
 from safetensors.numpy import save_file
 
 from edgeswarm.device_agent.dataplane import DataPlane, StoreHost
 from edgeswarm.device_agent.executor import BUILDERS, ShardExecutor, open_plane, register_builder
-from edgeswarm.device_agent.manifest import Artifact, CodecRef, Manifest, Shard
+from edgeswarm.device_agent.manifest import CodecRef, Manifest, Shard
 from edgeswarm.device_agent.shard_codecs import ShardCodecs, artifacts, file_key
 from edgeswarm.models import codecs
 from edgeswarm.placement.errors import InvalidInput, ProtocolError
@@ -27,32 +26,10 @@ INT8 = CodecRef(name="int8")
 NONE = CodecRef(name="none")
 
 
+
 def together(*fns: Callable[[], Any]) -> list[Any]:
-    results: list[Any] = [None] * len(fns)
-    errors: list[BaseException] = []
+    return _together(*fns, deadline_s=TIMEOUT_S)
 
-    def run(i: int) -> None:
-        try:
-            results[i] = fns[i]()
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(fns))]
-    for t in threads:
-        t.start()
-    end = time.monotonic() + TIMEOUT_S
-    for t in threads:
-        t.join(max(0.0, end - time.monotonic()))
-    assert not any(t.is_alive() for t in threads), "a rank is still blocked after the deadline"
-    if errors:
-        raise errors[0]
-    return results
-
-
-def artifact(path: Path) -> Artifact:
-    data = path.read_bytes()
-    return Artifact(name=path.name, sha256=hashlib.sha256(data).hexdigest(), size=len(data),
-                    url=path.resolve().as_uri())
 
 
 def scale(weights: dict[str, np.ndarray], params: dict[str, Any]

@@ -1,9 +1,6 @@
 """Tensor-parallel members as the agent runs them: shard files, the executor's group
 builders, a real gloo data plane between the members (threads of this process)."""
 
-import hashlib
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,11 +8,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from _support import artifact
+from _support import together as _together
 from safetensors.numpy import load_file, save_file
 
 from edgeswarm.device_agent.dataplane import StoreHost
 from edgeswarm.device_agent.executor import ShardExecutor, open_plane
-from edgeswarm.device_agent.manifest import Artifact, Manifest, Shard
+from edgeswarm.device_agent.manifest import Manifest, Shard
 from edgeswarm.models.tp.shards import member_files, unpack
 from edgeswarm.models.zoo.bert import BertConfig
 from edgeswarm.models.zoo.llama import LlamaConfig, LlamaForCausalLM
@@ -30,32 +29,10 @@ LLAMA = LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=96, num_lay
                     num_heads=6, num_kv_heads=2, rope_theta=10_000.0)
 
 
+
 def together(*fns: Callable[[], Any], deadline_s: float = 60.0) -> list[Any]:
-    results: list[Any] = [None] * len(fns)
-    errors: list[BaseException] = []
+    return _together(*fns, deadline_s=deadline_s)
 
-    def run(i: int) -> None:
-        try:
-            results[i] = fns[i]()
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(fns))]
-    for t in threads:
-        t.start()
-    end = time.monotonic() + deadline_s
-    for t in threads:
-        t.join(max(0.0, end - time.monotonic()))
-    assert not any(t.is_alive() for t in threads), "a rank is still blocked after the deadline"
-    if errors:
-        raise errors[0]
-    return results
-
-
-def artifact(path: Path) -> Artifact:
-    data = path.read_bytes()
-    return Artifact(name=path.name, sha256=hashlib.sha256(data).hexdigest(), size=len(data),
-                    url=path.resolve().as_uri())
 
 
 @pytest.fixture

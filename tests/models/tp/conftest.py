@@ -3,12 +3,11 @@ own real gloo data plane on loopback (a device would have the same, in its own p
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from _support import together as _together
 
 from edgeswarm.device_agent.dataplane import DataPlane, StoreHost
 from edgeswarm.models.tp.collective import Collective, PlaneCollective, Solo
@@ -20,27 +19,9 @@ JOIN_S = 60.0
 RunMembers = Callable[..., list[Any]]
 
 
+
 def together(*fns: Callable[[], Any], deadline_s: float = 120.0) -> list[Any]:
-    """Run each function in its own thread; their results, or the first exception."""
-    results: list[Any] = [None] * len(fns)
-    errors: list[BaseException] = []
-
-    def run(i: int) -> None:
-        try:
-            results[i] = fns[i]()
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(fns))]
-    for t in threads:
-        t.start()
-    end = time.monotonic() + deadline_s
-    for t in threads:
-        t.join(max(0.0, end - time.monotonic()))
-    assert not any(t.is_alive() for t in threads), "a member is still blocked after the deadline"
-    if errors:
-        raise errors[0]
-    return results
+    return _together(*fns, deadline_s=deadline_s)
 
 
 @pytest.fixture
