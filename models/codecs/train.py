@@ -83,7 +83,8 @@ class LearnedRecipe:
     latent_channels: int = 16
     hidden: int = 64
     stage1_epochs: int = 4
-    stage2_epochs: int = 3
+    #: 8, not 3: on an AMD EPYC host 3 left β=1e-5 at 0.892 (teacher 0.914), 8 reach 0.906
+    stage2_epochs: int = 8
     batch_size: int = 64
     stage1_lr: float = 3e-3
     stage2_lr: float = 3e-4
