@@ -265,7 +265,7 @@ class Deployment:
     def _recover(self) -> None:
         """Re-plan on the devices online now and deploy the next generation."""
         from edgeswarm.cluster import DEPLOYABLE
-        from edgeswarm.placement.replan import replan
+        from edgeswarm.placement.replan import replan, tasks_moved
 
         why, self._stale = self._stale, ""
         t0 = time.perf_counter()
@@ -280,17 +280,13 @@ class Deployment:
             from edgeswarm.snn_plans import place_snn
 
             plan = place_snn(self.model, topology, self.policy)
-            moved = sum(plan.assignments[t] != self.plan.assignments.get(t)
-                        for t in plan.assignments)
-            self._start(plan, why, moved, time.perf_counter() - t0)
+            self._start(plan, why, tasks_moved(self.plan, plan), time.perf_counter() - t0)
             return
         if group_of(self.plan) is not None:  # the best group among the devices left
             from edgeswarm.models.tp.shards import max_members
 
             plan = place_group(self.model.graph, topology, max_members(self.model.module))
-            moved = sum(plan.assignments[t] != self.plan.assignments.get(t)
-                        for t in plan.assignments)
-            self._start(plan, why, moved, time.perf_counter() - t0)
+            self._start(plan, why, tasks_moved(self.plan, plan), time.perf_counter() - t0)
             return
         # layer cuts only: this deployment cannot run tensor-parallel groups, which
         # replan's default options may choose. Codecs stay possible where the first plan

@@ -34,7 +34,12 @@ import torch.nn.functional as F
 
 from edgeswarm.models.tp.collective import Collective, Program, drive, gather_last, gather_stack
 from edgeswarm.models.tp.split import LayerShape, MemberSlice, Split
-from edgeswarm.models.zoo.llama import DecoderLayer, LlamaConfig, LlamaForCausalLM
+from edgeswarm.models.zoo.llama import (
+    DecoderLayer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    check_token_ids,
+)
 from edgeswarm.placement.errors import InvalidInput, ModelFileError
 
 if TYPE_CHECKING:
@@ -361,12 +366,7 @@ class LlamaMember:
         return F.linear(F.silu(gate) * up, w["down"])
 
     def _check_ids(self, input_ids: torch.Tensor) -> None:
-        if input_ids.dim() != 2 or input_ids.dtype != torch.long:
-            raise InvalidInput(f"input_ids must be a LongTensor [batch, tokens]; got dtype "
-                               f"{input_ids.dtype} and shape {tuple(input_ids.shape)}")
-        if input_ids.numel() and (int(input_ids.min()) < 0
-                                  or int(input_ids.max()) >= self.config.vocab_size):
-            raise InvalidInput(f"token ids must lie in [0, {self.config.vocab_size})")
+        check_token_ids(input_ids, self.config.vocab_size)
 
 
 def reference_generation(model: LlamaForCausalLM, input_ids: torch.Tensor, new_tokens: int,

@@ -324,10 +324,15 @@ class LlamaForCausalLM(nn.Module):
             token = next_logits.argmax(dim=-1)
 
     def _check_ids(self, input_ids: torch.Tensor) -> None:
-        if input_ids.dim() != 2 or input_ids.dtype != torch.long:
-            raise InvalidInput(f"input_ids must be a LongTensor [batch, tokens]; got dtype "
-                               f"{input_ids.dtype} and shape {tuple(input_ids.shape)}")
-        if input_ids.numel() and (int(input_ids.min()) < 0
-                                  or int(input_ids.max()) >= self.config.vocab_size):
-            raise InvalidInput(f"token ids must lie in [0, {self.config.vocab_size}); fix the "
-                               "tokenizer or the prompt")
+        check_token_ids(input_ids, self.config.vocab_size)
+
+
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """InvalidInput unless ``input_ids`` is a LongTensor [batch, tokens] of ids in the
+    vocabulary."""
+    if input_ids.dim() != 2 or input_ids.dtype != torch.long:
+        raise InvalidInput(f"input_ids must be a LongTensor [batch, tokens]; got dtype "
+                           f"{input_ids.dtype} and shape {tuple(input_ids.shape)}")
+    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
+        raise InvalidInput(f"token ids must lie in [0, {vocab_size}); fix the tokenizer or "
+                           "the prompt")
