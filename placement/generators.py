@@ -13,11 +13,12 @@ GiPH (Hu et al., MLSys 2023) also uses:
   uniform in [1 - beta/2, 1 + beta/2], written to ``Task.compute_s``. With beta = 0 the
   compute time is flops ÷ device speed, so a device that rejoins faster is faster;
 - ``typed_frac``: the share of tasks that may only run on devices of some hardware types
-  (``Task.devices``).
+  (``Task.devices``); ``task_types`` fixes how many types (GiPH: every task needs one).
 
-Clusters are a pool of devices (log-uniform speeds and memories, one hardware type
-each) placed at ``sites``: links inside a site are fast and near, links across sites slow
-and far. The graph and the cluster are drawn together as an :class:`Instance`, because a
+Clusters are a pool of devices (log-uniform speeds and memories; one hardware type
+each, or, with ``type_prob``, each type with that probability as in GiPH's device
+networks) placed at ``sites``: links inside a site are fast and near, links across
+sites slow and far. The graph and the cluster are drawn together as an :class:`Instance`, because a
 task's allowed devices name device ids. Pure: every function takes a numpy Generator.
 """
 
@@ -48,6 +49,8 @@ class DagParams:
     ccr: float = 1.0
     beta: float = 0.5
     typed_frac: float = 0.0
+    #: the hardware types a typed task may use one of (0: 1 to all but one, drawn)
+    task_types: int = 0
     #: share of tasks (the heaviest) marked splittable, kind "linear" or "attention"
     splittable_frac: float = 0.0
     #: splittable tasks carry this many times the work of an average task
@@ -78,12 +81,18 @@ class ClusterParams:
     #: devices are spread over this many sites; 1: every link drawn over the full ranges
     sites: int = 1
     hw_types: int = 1
+    #: 0: each device has one hardware type (every type on some device); > 0: each device
+    #: supports each type with this probability (at least one; every type on some
+    #: device), as GiPH's device networks do
+    type_prob: float = 0.0
     #: list every pair's link; otherwise list links inside a site and give a default_link
     all_pairs: bool = True
 
     def __post_init__(self) -> None:
         if self.devices < 1 or self.sites < 1 or self.hw_types < 1:
             raise InvalidInput("generator: devices, sites and hw_types must be >= 1")
+        if not 0 <= self.type_prob <= 1:
+            raise InvalidInput(f"generator: type_prob must be in [0, 1], got {self.type_prob}")
         for name in ("flops", "memory_bytes", "bandwidth_Bps", "latency_s"):
             lo, hi = getattr(self, name)
             if not 0 <= lo <= hi or (name != "latency_s" and lo <= 0):
@@ -96,7 +105,8 @@ class DevicePool:
     them), with its hardware type and the links between all of them."""
 
     devices: tuple[Device, ...]
-    types: Mapping[str, str]
+    #: the hardware types each device supports
+    types: Mapping[str, frozenset[str]]
     links: tuple[Link, ...]
     default_link: LinkSpec | None
 
@@ -134,10 +144,7 @@ def random_pool(rng: np.random.Generator, cp: ClusterParams) -> DevicePool:
     n = cp.devices
     devices = tuple(Device(DeviceId(f"d{i}"), _loguniform(rng, *cp.flops),
                            int(_loguniform(rng, *cp.memory_bytes))) for i in range(n))
-    # every type appears at least once when there are enough devices
-    kinds = [i % cp.hw_types for i in range(n)]
-    rng.shuffle(kinds)
-    types: dict[str, str] = {d.id: f"hw{k}" for d, k in zip(devices, kinds, strict=True)}
+    types = _hardware_types(rng, [d.id for d in devices], cp)
     site = [int(s) for s in rng.integers(0, cp.sites, size=n)]
     bw_lo, bw_hi = cp.bandwidth_Bps
     lat_lo, lat_hi = cp.latency_s
@@ -161,6 +168,24 @@ def random_pool(rng: np.random.Generator, cp: ClusterParams) -> DevicePool:
         if cp.sites == 1:
             links = []
     return DevicePool(devices, types, tuple(links), default)
+
+
+def _hardware_types(rng: np.random.Generator, ids: list[str],
+                    cp: ClusterParams) -> dict[str, frozenset[str]]:
+    """The types each device supports; every type on some device when there are enough."""
+    n, k = len(ids), cp.hw_types
+    if cp.type_prob == 0:
+        kinds = [i % k for i in range(n)]
+        rng.shuffle(kinds)
+        return {d: frozenset({f"hw{x}"}) for d, x in zip(ids, kinds, strict=True)}
+    has = rng.uniform(size=(n, k)) < cp.type_prob
+    for i in np.nonzero(~has.any(axis=1))[0].tolist():
+        has[i, int(rng.integers(k))] = True
+    for x in np.nonzero(~has.any(axis=0))[0].tolist():
+        if n >= k:
+            has[int(rng.integers(n)), x] = True
+    return {d: frozenset(f"hw{x}" for x in np.nonzero(has[i])[0].tolist())
+            for i, d in enumerate(ids)}
 
 
 def _link_means(pool: DevicePool) -> tuple[float, float]:
@@ -229,13 +254,13 @@ def random_graph(rng: np.random.Generator, dp: DagParams, pool: DevicePool,
     layers = random_layers(rng, v, dp.alpha)
     pairs = random_edges(rng, layers, dp.out_degree)
     ids = [TaskId(f"t{i}") for i in range(v)]
-    type_names = sorted(set(pool.types.values()))
+    type_names = sorted(set().union(*pool.types.values()))
     allowed: list[tuple[str, ...] | None] = []
     for _ in range(v):
         if len(type_names) > 1 and rng.uniform() < dp.typed_frac:
-            k = int(rng.integers(1, len(type_names)))
+            k = min(dp.task_types, len(type_names)) or int(rng.integers(1, len(type_names)))
             chosen = {str(x) for x in rng.choice(type_names, size=k, replace=False)}
-            allowed.append(tuple(d.id for d in pool.devices if pool.types[d.id] in chosen))
+            allowed.append(tuple(d.id for d in pool.devices if pool.types[d.id] & chosen))
         else:
             allowed.append(None)
     # work: HEFT draws uniform in [0, 2w]; we keep it off zero
@@ -287,9 +312,9 @@ def random_instance(rng: np.random.Generator, dp: DagParams, cp: ClusterParams,
 
 def describe(dp: DagParams, cp: ClusterParams) -> dict[str, float | int | str]:
     return {"tasks": dp.tasks, "alpha": dp.alpha, "out_degree": dp.out_degree, "ccr": dp.ccr,
-            "beta": dp.beta, "typed_frac": dp.typed_frac,
+            "beta": dp.beta, "typed_frac": dp.typed_frac, "task_types": dp.task_types,
             "splittable_frac": dp.splittable_frac, "devices": cp.devices,
-            "sites": cp.sites, "hw_types": cp.hw_types}
+            "sites": cp.sites, "hw_types": cp.hw_types, "type_prob": cp.type_prob}
 
 
 # -- real graphs -------------------------------------------------------------------------

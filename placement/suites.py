@@ -50,6 +50,12 @@ GIPH_TASKS = (10, 20, 30, 40, 50)
 GIPH_CCR = (0.1, 0.5, 1.0, 5.0, 10.0)
 GIPH_ALPHA = (0.5, 1.0, 2.0)
 GIPH_BETA = (0.1, 0.25, 0.5, 0.75, 1.0)
+#: GiPH's device networks: speeds and per-byte link costs within ±40% of their means,
+#: per-pair latency uniform in [0, 2 × mean], 5 hardware types each device supports
+#: with probability 0.2 (and at least one), every task needing one type
+GIPH_NETWORK = ClusterParams(devices=20, flops=(3e10, 7e10),
+                             bandwidth_Bps=(12.5e6 / 1.4, 12.5e6 / 0.6), latency_s=(0.0, 0.02),
+                             hw_types=5, type_prob=0.2)
 #: (tasks, devices) of the "speed" suite
 SPEED_SIZE = (50, 16)
 
@@ -84,8 +90,8 @@ def _giph(rng: np.random.Generator, i: int) -> Draw:
     devices = 20 if i % 2 == 0 else int(rng.integers(15, 25))
     dp = DagParams(tasks=GIPH_TASKS[i % 5], ccr=GIPH_CCR[(i // 5) % 5],
                    alpha=_pick(rng, GIPH_ALPHA), out_degree=int(rng.integers(1, 6)),
-                   beta=_pick(rng, GIPH_BETA), typed_frac=0.2)
-    return dp, ClusterParams(devices=devices, hw_types=3)
+                   beta=_pick(rng, GIPH_BETA), typed_frac=1.0, task_types=1)
+    return dp, GIPH_NETWORK if devices == 20 else replace(GIPH_NETWORK, devices=devices)
 
 
 def _headroom(rng: np.random.Generator, i: int) -> Draw:

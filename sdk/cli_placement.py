@@ -103,13 +103,16 @@ def bench_placement_cmd(
         suites: list[str] | None = typer.Option(None, "--suite", "-s",
                                          help="Only these suites (repeatable)."),
         seed: int = typer.Option(0, "--seed", help="Seed of the generated instances."),
+        exact_s: float = typer.Option(
+            1.0, "--exact-s", help="CP-SAT's deterministic time per giph_grid instance for a "
+                                   "tighter lower bound (needs OR-Tools); 0: off."),
 ) -> None:
     """Every placement policy on generated suites: quality vs bounds and HEFT, speed."""
     from edgeswarm.bench import placement as bench
 
     with err.status("benchmarking placement") as status:
         result = bench.run(suites or None, instances, seed,
-                           progress=lambda msg: status.update(msg))
+                           progress=lambda msg: status.update(msg), exact_s=exact_s)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
@@ -176,10 +179,12 @@ DYNAMIC_COLUMNS = (("÷scratch", "mean_ratio_scratch"), ("moved", "mean_tasks_mo
 
 def _bench_table(suite: str, doc: dict[str, Any]) -> Table:
     cols = DYNAMIC_COLUMNS if suite == "dynamic" else STATIC_COLUMNS
-    if suite == "tiny":
+    if any("mean_ratio_opt" in r for r in doc["policies"].values()):
         cols = (*cols, ("÷opt", "mean_ratio_opt"))
+    proven = (f", {doc['proven_optimal']} optimum proven by CP-SAT"
+              if "proven_optimal" in doc else "")
     table = Table("policy", *(h for h, _ in cols), title=f"{suite}: {doc['instances']} "
-                  f"instances", caption=escape("errors: " + "; ".join(
+                  f"instances{proven}", caption=escape("errors: " + "; ".join(
                       f"{pol}: {r['error']}" for pol, r in doc["policies"].items()
                       if "error" in r)) if any("error" in r for r in doc["policies"].values())
                   else None, caption_justify="left")

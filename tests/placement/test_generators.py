@@ -15,6 +15,7 @@ from edgeswarm.placement.generators import (
     on_sampled_clusters,
     random_instance,
     random_layers,
+    random_pool,
 )
 from edgeswarm.placement.heft import heft_groups
 from edgeswarm.placement.problem import Problem
@@ -173,3 +174,26 @@ def test_real_graph_on_sampled_clusters_fits_and_plans():
         assert math.isfinite(evaluate(p, groups).makespan)
     again = on_sampled_clusters(g, np.random.default_rng(0), 8, devices=(2, 5))
     assert [i.cluster.to_json() for i in again] == [i.cluster.to_json() for i in out]
+
+
+def test_giph_style_hardware_types():
+    """type_prob: a device may support several types, each type is on some device, and
+    with task_types=1 a task may run exactly on the devices supporting its one type."""
+    rng = np.random.default_rng(3)
+    cp = ClusterParams(devices=20, hw_types=5, type_prob=0.2)
+    inst = random_instance(rng, DagParams(tasks=40, typed_frac=1.0, task_types=1), cp)
+    pool = random_pool(np.random.default_rng(3), cp)
+    assert all(pool.types[d.id] for d in pool.devices)
+    assert set().union(*pool.types.values()) == {f"hw{k}" for k in range(5)}
+    assert any(len(ts) > 1 for ts in pool.types.values())
+    ids = {d.id for d in inst.cluster.devices}
+    for t in inst.graph.tasks:
+        assert t.devices is not None and set(t.devices) < ids
+    # every allowed set is exactly the devices of one type
+    sets = {frozenset(t.devices or ()) for t in inst.graph.tasks}
+    assert len(sets) > 1
+
+
+def test_type_prob_out_of_range_is_refused():
+    with pytest.raises(InvalidInput, match="type_prob"):
+        ClusterParams(type_prob=1.5)

@@ -49,6 +49,10 @@ def test_giph_grid_settings():
     assert all(devices(x) == 20 for x in xs[0::2])
     assert all(15 <= devices(x) <= 24 for x in xs[1::2])
     assert {x.params["ccr"] for x in xs} == {0.1, 0.5, 1.0, 5.0, 10.0}
+    # GiPH's device networks: speeds within ±40% of the mean, every task of one type
+    speeds = [d.flops for x in xs for d in x.cluster.devices]
+    assert min(speeds) >= 3e10 and max(speeds) <= 7e10
+    assert all(t.devices for x in xs for t in x.graph.tasks)
 
 
 def test_headroom_settings():

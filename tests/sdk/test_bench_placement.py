@@ -50,6 +50,19 @@ def test_bench_placement_json_has_every_suite_policy_and_key():
     assert tiny["heft"]["mean_ratio_opt"] >= 1.0 - 1e-9
     search = doc["suites"]["giph_grid"]["policies"]
     assert search["search20"]["mean_simulator_calls"] > search["search"]["mean_simulator_calls"]
+    # giph_grid's bound is tightened by CP-SAT, and says so
+    giph = doc["suites"]["giph_grid"]
+    assert "CP-SAT" in giph["lower_bound"] and 0 <= giph["proven_optimal"] <= 3
+    assert "CP-SAT" not in doc["suites"]["headroom"]["lower_bound"]
+
+
+def test_exact_bound_can_be_turned_off_and_only_tightens():
+    on = bench.run(["giph_grid"], instances=2, exact_s=0.5)["suites"]["giph_grid"]
+    off = bench.run(["giph_grid"], instances=2, exact_s=0)["suites"]["giph_grid"]
+    assert "CP-SAT" not in off["lower_bound"] and "proven_optimal" not in off
+    # the same plans over a bound at least as high
+    assert (on["policies"]["heft"]["mean_ratio_lb"]
+            <= off["policies"]["heft"]["mean_ratio_lb"] + 1e-9)
 
 
 def test_unknown_suite_is_an_error():
