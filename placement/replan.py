@@ -231,7 +231,8 @@ def _scratch_starts(p: Problem, order: list[int], opts: Options) -> list[Start]:
     from edgeswarm.placement.gnn.start import scratch_starts
     from edgeswarm.placement.gnn.tables import Tables
 
-    return list(scratch_starts(Tables.of(p), order, opts))
+    starts = scratch_starts(Tables.of(p), order, opts)
+    return [(groups, codecs, od) for groups, codecs, od, _ in starts]
 
 
 def _fresh(p: Problem, plan: Plan, old_cluster: Cluster | None) -> set[int]:

@@ -1,10 +1,11 @@
 """Improving a plan move by move with the scoring network, within a simulator budget.
 
-Start: ``opts.start`` (else HEFT's plan), then, one simulator call each, that plan with
-the cheapest codec on every cut edge and (from HEFT) HEFT's earliest-finish rule made
-aware of codecs and tensor parallelism under two priority orders; the best of these is
-the current plan. Every simulated plan counts against the budget, so the result is
-never worse than the start.
+Start: ``opts.start`` (else HEFT's plan; one simulator call), that plan with the
+cheapest codec on every cut edge (one call), and (from HEFT) the other start plans of
+:func:`~edgeswarm.placement.gnn.start.scratch_starts`: list schedules like HEFT's, whose
+timelines come with them and cost no call. The best of these is the current plan.
+Every simulated plan counts against the budget, so the result is never worse than the
+start.
 
 Then, repeatedly: one forward pass of the network scores every candidate move of the
 current plan, and the candidates are simulated in order of score (greedily at
@@ -13,7 +14,8 @@ shortens the makespan; it is accepted and the network runs again. If ``patience`
 candidates in a row fail, the plan is at a local optimum for the moves the network
 likes: the least bad of them is taken anyway and its task stays put for ``tenure``
 passes (a short tabu). The best plan seen is returned. Infeasible moves (memory,
-allowed devices, group size) are masked out and never simulated.
+allowed devices, group size) are masked out and never simulated, nor is a plan
+simulated before (a walk out of a local optimum tends to come back to it).
 
 With codecs enabled, a relocation or regrouping also re-picks the cheapest codec of
 every edge of the moved task (a codec only changes when data arrives, so the cheapest
@@ -128,12 +130,15 @@ def improve(p: Problem, opts: Options, net: GiphNet, cfg: SearchConfig = SearchC
         return evaluate(p, gr, {k: p.codec_table[v] for k, v in cd.items() if v != "none"},
                         od)
 
+    seen = {_key(groups, codecs)}  # plans simulated: trying one again is skipped, free
     tl = run(groups, codecs, order)
     ep = Episode(Solution(groups, codecs, order), tl.makespan, tl.makespan, 0, 0)
-    for cand_groups, cand_codecs, cand_order in _more_starts(g, opts, groups, codecs, order):
-        if p.calls - calls0 >= budget:
-            break
-        new = run(cand_groups, cand_codecs, cand_order)
+    for cand_groups, cand_codecs, cand_order, known in _more_starts(g, opts, groups, codecs,
+                                                                     order):
+        if known is None and p.calls - calls0 >= budget:
+            continue
+        new = known if known is not None else run(cand_groups, cand_codecs, cand_order)
+        seen.add(_key(cand_groups, cand_codecs))
         if new.makespan < tl.makespan * (1 - 1e-12):
             groups, codecs, order, tl = cand_groups, cand_codecs, cand_order, new
     order_pos = np.empty(p.n, dtype=np.int64)
@@ -170,6 +175,10 @@ def improve(p: Problem, opts: Options, net: GiphNet, cfg: SearchConfig = SearchC
             new_groups, new_codecs = _apply(g, obs, i, groups, codecs, opts.codecs)
             if (accepted or not obs.exact[i]) and violation(p, new_groups):
                 continue
+            key = _key(new_groups, new_codecs)
+            if key in seen:
+                continue
+            seen.add(key)
             new = run(new_groups, new_codecs, order)
             tries += 1
             reward = max(0.0, best[2].makespan - new.makespan) / scale
@@ -202,19 +211,27 @@ def improve(p: Problem, opts: Options, net: GiphNet, cfg: SearchConfig = SearchC
 
 
 def _more_starts(g: _Graph, opts: Options, groups: list[Group], codecs: Codecs,
-                 order: list[int]) -> Iterator[tuple[list[Group], Codecs, list[int]]]:
-    """Other start plans worth one simulator call each: the start with the cheapest codec
-    on every cut edge; and, when starting from HEFT, the other start plans of a plan
-    from scratch (:func:`~edgeswarm.placement.gnn.start.scratch_starts`)."""
+                 order: list[int]
+                 ) -> Iterator[tuple[list[Group], Codecs, list[int], Timeline | None]]:
+    """Other start plans, with their timelines where known: the start with the cheapest
+    codec on every cut edge (one simulator call); and, when starting from HEFT, the
+    other start plans of a plan from scratch
+    (:func:`~edgeswarm.placement.gnn.start.scratch_starts`), list schedules whose
+    timelines come with them, as HEFT's does."""
     if opts.codecs:
         swept = dict(codecs)
         for t in range(g.tb.n):
             _recodec(g, groups, swept, t)
         if swept != codecs:
-            yield groups, swept, order
+            yield groups, swept, order, None
     if opts.start is not None:
         return
     yield from scratch_starts(g.tb, order, opts)
+
+
+def _key(groups: Sequence[Group], codecs: Codecs) -> tuple[tuple[Group, ...],
+                                                         tuple[tuple[tuple[int, int], str], ...]]:
+    return tuple(groups), tuple(sorted((k, v) for k, v in codecs.items() if v != "none"))
 
 
 def _task_of(g: _Graph, obs: Observation) -> np.ndarray:

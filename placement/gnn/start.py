@@ -7,7 +7,7 @@ device is costed with the cheapest codec on every incoming edge, and a splittabl
 then grows its group one device at a time while that makes it finish earlier. Tasks
 are committed through the simulator's own :class:`ListScheduler`, so the schedule
 built is exactly the one the simulator predicts for the plan (same priority order, same
-insertion rule): building it costs no simulator call.
+insertion rule): like HEFT's, it is known without a simulator call.
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ from edgeswarm.placement.gnn.tables import Tables
 from edgeswarm.placement.moves import MAX_GROUP
 from edgeswarm.placement.policies import Options
 from edgeswarm.placement.problem import Group
-from edgeswarm.placement.simulator import ListScheduler, earliest_start
+from edgeswarm.placement.simulator import ListScheduler, Timeline, earliest_start
 
 Codecs = dict[tuple[int, int], str]
-Start = tuple[list[Group], Codecs, list[int]]
+#: a start plan: groups, codecs, priority order and the timeline the simulator predicts
+Start = tuple[list[Group], Codecs, list[int], Timeline]
 
 
 def optimistic(tb: Tables, use_codecs: bool) -> tuple[list[int], np.ndarray]:
@@ -63,14 +64,16 @@ def optimistic(tb: Tables, use_codecs: bool) -> tuple[list[int], np.ndarray]:
 
 def aware_list_schedule(tb: Tables, order: Sequence[int], *, use_codecs: bool, tp: bool,
                         lookahead: np.ndarray | None = None,
-                        anchor: tuple[int, float] | None = None) -> tuple[list[Group], Codecs]:
+                        anchor: tuple[int, float] | None = None
+                        ) -> tuple[list[Group], Codecs, Timeline]:
     """Earliest-finish-time list scheduling of ``order`` with the cheapest codec per
     incoming edge and, for splittable tasks, greedily grown tensor-parallel groups.
     With ``lookahead`` (n × m), a task goes where finish time + lookahead is least.
     With ``anchor`` (device j, slack), a task goes to j whenever j may run it, has room
     and finishes it within ``(1 + slack)`` × the best finish: where transfers cost more
     than compute, keeping the work together on one fast device (as CPOP does with the
-    critical path) beats spreading it task by task."""
+    critical path) beats spreading it task by task. Returns the plan and its timeline
+    (exactly the simulator's for the plan in ``order``)."""
     p = tb.p
     spec: dict[tuple[int, int], CodecSpec] = {}
     ls = ListScheduler(p, spec)
@@ -122,7 +125,7 @@ def aware_list_schedule(tb: Tables, order: Sequence[int], *, use_codecs: bool, t
         else:
             params[list(group)] += _shares(tb, t, group)
             peak[list(group)] = np.maximum(peak[list(group)], tb.act[t])
-    return list(ls.groups), codecs
+    return list(ls.groups), codecs, Timeline(ls.start, ls.end, max(ls.end) if ls.end else 0.0)
 
 
 #: Anchored starts: the devices with the least total compute time over the tasks they
@@ -157,11 +160,12 @@ def scratch_starts(tb: Tables, order: list[int], opts: Options) -> Iterator[Star
         if ahead is None and anchor is None and od == order and not aware:
             continue  # that is HEFT's plan again
         try:
-            plan = aware_list_schedule(tb, od, use_codecs=opts.codecs, tp=opts.tp,
-                                       lookahead=ahead, anchor=anchor)
+            groups, codecs, timeline = aware_list_schedule(
+                tb, od, use_codecs=opts.codecs, tp=opts.tp, lookahead=ahead, anchor=anchor)
+
         except PlacementInfeasible:
             continue  # its greedy choices left a task without memory
-        yield (*plan, list(od))
+        yield groups, codecs, list(od), timeline
 
 
 def _arrivals(tb: Tables, ls: ListScheduler, t: int,

@@ -86,6 +86,35 @@ def test_infeasible_moves_are_never_simulated(make_instance, untrained, monkeypa
     assert simulated == [""] * len(simulated)
 
 
+@pytest.mark.parametrize("sample", [False, True])
+def test_no_plan_is_simulated_twice_and_start_plans_are_free(make_instance, untrained,
+                                                             monkeypatch, sample):
+    """A walk out of a local optimum tends to come back: plans already simulated are
+    skipped, not paid for again. The start plans are list schedules whose timelines come
+    with them (as HEFT's does), so only HEFT's plan and the moves cost calls."""
+    graph, cluster = make_instance(6, tasks=12, devices=4)
+    p = Problem(graph, cluster)
+    simulated = []
+    real = improve.evaluate
+
+    def recorded(p_, groups, codecs=None, order=None):
+        simulated.append((tuple(groups), tuple(sorted((codecs or {}).items()))))
+        return real(p_, groups, codecs, order)
+
+    monkeypatch.setattr(improve, "evaluate", recorded)
+    rng = np.random.default_rng(1) if sample else None
+    ep = improve.improve(p, Options(budget=200, codecs=False, tp=False), untrained, rng=rng)
+    assert len(simulated) == ep.calls > 20
+    assert len(set(simulated)) == len(simulated)
+    # with a budget of 2 the one call after HEFT's plan goes to a move, not a start plan
+    p2 = Problem(graph, cluster)
+    simulated.clear()
+    improve.improve(p2, Options(budget=2, codecs=False, tp=False), untrained)
+    starts = {tuple(g) for g, *_ in improve.scratch_starts(
+        improve.Tables.of(p2), list(p2.default_order), Options(codecs=False, tp=False))}
+    assert len(simulated) == 2 and simulated[1][0] not in starts - {simulated[0][0]}
+
+
 def test_sampling_is_seeded(make_instance, untrained):
     graph, cluster = make_instance(4, tasks=16, devices=5)
     runs = []

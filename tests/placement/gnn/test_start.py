@@ -18,8 +18,8 @@ def _is_topological(p: Problem, order: list[int]) -> bool:
 def test_plain_aware_schedule_is_heft(heft_paper, make_instance):
     for graph, cluster in (heft_paper, make_instance(2, tasks=20, devices=5)):
         p = Problem(graph, cluster)
-        groups, codecs = aware_list_schedule(Tables.of(p), p.default_order, use_codecs=False,
-                                             tp=False)
+        groups, codecs, _ = aware_list_schedule(Tables.of(p), p.default_order,
+                                                use_codecs=False, tp=False)
         assert groups == heft_groups(p) and codecs == {}
 
 
@@ -33,11 +33,15 @@ def test_aware_schedules_are_feasible_and_beat_heft_with_codecs(make_instance, s
     assert _is_topological(p, order)
     spans = []
     for od, la in ((p.default_order, None), (order, ahead)):
-        groups, codecs = aware_list_schedule(tb, od, use_codecs=True, tp=True, lookahead=la)
+        groups, codecs, built = aware_list_schedule(tb, od, use_codecs=True, tp=True,
+                                                    lookahead=la)
         assert not violation(p, groups)
         assert all(len(g) == 1 or p.splittable[t] for t, g in enumerate(groups))
         specs = {k: p.codec_table[v] for k, v in codecs.items()}
-        spans.append(evaluate(p, groups, specs, od).makespan)
+        replayed = evaluate(p, groups, specs, od)
+        # the timeline built is exactly the simulator's: no call is needed to know it
+        assert built == replayed
+        spans.append(replayed.makespan)
     assert min(spans) < heft   # slow links between the two sites: codecs pay
 
 
@@ -52,7 +56,7 @@ def test_peft_look_ahead_reproduces_the_paper(peft_paper):
     order, table = optimistic(tb, False)
     assert table.tolist() == PAPER_OCT
     assert _is_topological(p, order) and order[0] == 0 and order[-1] == 9
-    groups, _ = aware_list_schedule(tb, order, use_codecs=False, tp=False, lookahead=table)
+    groups, _, _ = aware_list_schedule(tb, order, use_codecs=False, tp=False, lookahead=table)
     assert evaluate(p, groups, None, order).makespan == 122.0   # the paper's PEFT schedule
 
 
@@ -79,12 +83,12 @@ def test_anchored_schedule_keeps_a_communication_bound_chain_together():
     tb = Tables.of(p)
     heft = evaluate(p, heft_groups(p)).makespan
     a = p.d_index["a"]
-    groups, _ = aware_list_schedule(tb, p.default_order, use_codecs=False, tp=False,
+    groups, _, _ = aware_list_schedule(tb, p.default_order, use_codecs=False, tp=False,
                                     anchor=(a, 1.0))
     assert groups == [(a,)] * 6   # every task within 2x of its best finish stays on a
     assert evaluate(p, groups).makespan == 9.0 <= heft
     # with no slack the anchor only breaks ties: HEFT's choice wherever it is strictly better
-    tight, _ = aware_list_schedule(tb, p.default_order, use_codecs=False, tp=False,
+    tight, _, _ = aware_list_schedule(tb, p.default_order, use_codecs=False, tp=False,
                                    anchor=(a, 0.0))
     assert not violation(p, tight) and evaluate(p, tight).makespan >= 9.0
 
@@ -108,7 +112,7 @@ def test_anchored_starts_are_feasible_and_can_beat_heft():
         heft = evaluate(p, heft_groups(p)).makespan
         spans = []
         for a in anchors(tb):
-            groups, _ = aware_list_schedule(tb, p.default_order, use_codecs=False, tp=False,
+            groups, _, _ = aware_list_schedule(tb, p.default_order, use_codecs=False, tp=False,
                                             anchor=a)
             assert not violation(p, groups)
             spans.append(evaluate(p, groups).makespan)
