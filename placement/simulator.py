@@ -53,6 +53,29 @@ def evaluate(p: Problem, groups: Sequence[Group], codecs: Codecs | None = None,
     return Timeline(ls.start, ls.end, max(ls.end) if ls.end else 0.0)
 
 
+def evaluate_from(p: Problem, groups: Sequence[Group], codecs: Codecs | None,
+                  order: Sequence[int], base: Timeline, k: int) -> Timeline:
+    """:func:`evaluate`, given that the first ``k`` tasks of ``order`` keep the devices,
+    input codecs and times they have in ``base`` (the timeline of a plan that differs
+    only from ``order[k]`` on). List scheduling places tasks in order, so a change never
+    reaches back before it: those ``k`` are copied, the rest are placed. The same
+    timeline as :func:`evaluate`, in less time; counts one simulator call."""
+    p.calls += 1
+    ls = ListScheduler(p, codecs)
+    for t in order[:k]:
+        st, en = base.start[t], base.end[t]
+        ls.groups[t] = groups[t]
+        ls.start[t] = st
+        ls.end[t] = en
+        for j in groups[t]:
+            ls.busy[j].append((st, en))
+    for busy in ls.busy:
+        busy.sort()
+    for t in order[k:]:
+        ls.place(t, groups[t])
+    return Timeline(ls.start, ls.end, max(ls.end) if ls.end else 0.0)
+
+
 class ListScheduler:
     """Places tasks one at a time, in a topological order, into the earliest idle slot.
 
@@ -73,6 +96,21 @@ class ListScheduler:
         """When every input of ``t`` is on every device of ``g``."""
         p, end, groups, codecs = self.p, self.end, self.groups, self.codecs
         ready = 0.0
+        if len(g) == 1 and not codecs:  # the common case, inlined: the simulator's hot loop
+            j = g[0]
+            lat, ibw = p.lat, p.inv_bw
+            for s, b in p.preds[t]:
+                src = groups[s]
+                if j in src:
+                    at = end[s]
+                elif len(src) == 1:
+                    q = src[0]
+                    at = end[s] + (lat[q][j] + b * ibw[q][j])
+                else:
+                    at = arrival(p, s, t, b, src, g, end[s], codecs)
+                if at > ready:
+                    ready = at
+            return ready
         for s, b in p.preds[t]:
             at = arrival(p, s, t, b, groups[s], g, end[s], codecs)
             if at > ready:

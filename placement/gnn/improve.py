@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from edgeswarm.placement.codecs import CodecSpec
 from edgeswarm.placement.errors import InvalidInput
 from edgeswarm.placement.gnn.features import GROW, RELOCATE, SHRINK, Observation, observe
 from edgeswarm.placement.gnn.network import GiphNet, GraphTensors
@@ -40,7 +41,7 @@ from edgeswarm.placement.gnn.tables import Tables
 from edgeswarm.placement.heft import heft_groups
 from edgeswarm.placement.policies import Options, Solution
 from edgeswarm.placement.problem import Group, Problem
-from edgeswarm.placement.simulator import Timeline, evaluate, violation
+from edgeswarm.placement.simulator import Timeline, evaluate, evaluate_from, violation
 
 Codecs = dict[tuple[int, int], str]
 log = logging.getLogger("edgeswarm.placement.gnn")
@@ -127,8 +128,7 @@ def improve(p: Problem, opts: Options, net: GiphNet, cfg: SearchConfig = SearchC
     g = _Graph(Tables.of(p))
 
     def run(gr: Sequence[Group], cd: Codecs, od: Sequence[int]) -> Timeline:
-        return evaluate(p, gr, {k: p.codec_table[v] for k, v in cd.items() if v != "none"},
-                        od)
+        return evaluate(p, gr, _specs(p, cd), od)
 
     seen = {_key(groups, codecs)}  # plans simulated: trying one again is skipped, free
     tl = run(groups, codecs, order)
@@ -179,7 +179,8 @@ def improve(p: Problem, opts: Options, net: GiphNet, cfg: SearchConfig = SearchC
             if key in seen:
                 continue
             seen.add(key)
-            new = run(new_groups, new_codecs, order)
+            new = evaluate_from(p, new_groups, _specs(p, new_codecs), order, tl,
+                                int(order_pos[task[i]]))
             tries += 1
             reward = max(0.0, best[2].makespan - new.makespan) / scale
             if reward > 0:
@@ -227,6 +228,10 @@ def _more_starts(g: _Graph, opts: Options, groups: list[Group], codecs: Codecs,
     if opts.start is not None:
         return
     yield from scratch_starts(g.tb, order, opts)
+
+
+def _specs(p: Problem, codecs: Codecs) -> dict[tuple[int, int], CodecSpec]:
+    return {k: p.codec_table[v] for k, v in codecs.items() if v != "none"}
 
 
 def _key(groups: Sequence[Group], codecs: Codecs) -> tuple[tuple[Group, ...],

@@ -139,3 +139,40 @@ def test_a_later_task_fills_an_earlier_idle_gap():
     s = simulate(g, cluster(), p)
     assert s.slots[T("r")].start == pytest.approx(3.01)
     assert s.slots[T("q")].start == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_evaluate_from_a_prefix_is_evaluate(make_instance, seed):
+    """Re-scheduling only from the first changed task gives the whole replay's timeline,
+    for relocations, tensor-parallel groups and codecs."""
+    import numpy as np
+
+    from edgeswarm.placement.heft import heft_groups
+    from edgeswarm.placement.problem import Problem
+    from edgeswarm.placement.simulator import evaluate, evaluate_from
+
+    rng = np.random.default_rng(seed)
+    graph, cluster = make_instance(seed, tasks=25, devices=5, splittable=0.3)
+    p = Problem(graph, cluster)
+    order = list(p.default_order)
+    groups = heft_groups(p)
+    codecs: dict = {}
+    base = evaluate(p, groups, codecs, order)
+    for _ in range(30):
+        k = int(rng.integers(p.n))
+        t = order[k]
+        new_groups = list(groups)
+        allowed = list(p.allowed[t])
+        if p.splittable[t] and len(allowed) > 1 and rng.uniform() < 0.5:
+            new_groups[t] = tuple(int(x) for x in rng.choice(allowed, size=2, replace=False))
+        else:
+            new_groups[t] = (int(rng.choice(allowed)),)
+        new_codecs = dict(codecs)
+        for s, _ in p.preds[t]:
+            if rng.uniform() < 0.5:
+                new_codecs[(s, t)] = p.codec_table["int8"]
+        calls = p.calls
+        fast = evaluate_from(p, new_groups, new_codecs, order, base, k)
+        assert p.calls == calls + 1
+        assert fast == evaluate(p, new_groups, new_codecs, order)
+        groups, codecs, base = new_groups, new_codecs, fast

@@ -73,13 +73,18 @@ def test_infeasible_moves_are_never_simulated(make_instance, untrained, monkeypa
     p = Problem(graph, cluster)
     assert not violation(p, heft_groups(p))
     simulated = []
-    real = improve.evaluate
+    real, real_from = improve.evaluate, improve.evaluate_from
 
     def checked(p_, groups, codecs=None, order=None):
         simulated.append(violation(p_, groups))
         return real(p_, groups, codecs, order)
 
+    def checked_from(p_, groups, codecs, order, base, k):
+        simulated.append(violation(p_, groups))
+        return real_from(p_, groups, codecs, order, base, k)
+
     monkeypatch.setattr(improve, "evaluate", checked)
+    monkeypatch.setattr(improve, "evaluate_from", checked_from)
     rng = np.random.default_rng(0) if sample else None
     ep = improve.improve(p, Options(budget=60), untrained, rng=rng)
     assert len(simulated) == ep.calls > 10
@@ -95,13 +100,18 @@ def test_no_plan_is_simulated_twice_and_start_plans_are_free(make_instance, untr
     graph, cluster = make_instance(6, tasks=12, devices=4)
     p = Problem(graph, cluster)
     simulated = []
-    real = improve.evaluate
+    real, real_from = improve.evaluate, improve.evaluate_from
 
     def recorded(p_, groups, codecs=None, order=None):
         simulated.append((tuple(groups), tuple(sorted((codecs or {}).items()))))
         return real(p_, groups, codecs, order)
 
+    def recorded_from(p_, groups, codecs, order, base, k):
+        simulated.append((tuple(groups), tuple(sorted((codecs or {}).items()))))
+        return real_from(p_, groups, codecs, order, base, k)
+
     monkeypatch.setattr(improve, "evaluate", recorded)
+    monkeypatch.setattr(improve, "evaluate_from", recorded_from)
     rng = np.random.default_rng(1) if sample else None
     ep = improve.improve(p, Options(budget=200, codecs=False, tp=False), untrained, rng=rng)
     assert len(simulated) == ep.calls > 20
