@@ -3,7 +3,7 @@
 Static suites (``giph_grid``, ``headroom``, ``tiny``, ``tp``): each policy plans each
 instance from scratch; its makespan is compared to the instance's lower bound, to HEFT's
 makespan and (``tiny``) to the exact optimum. On ``giph_grid`` the lower bound is
-tightened by CP-SAT (:mod:`edgeswarm.placement.exact`, when OR-Tools is installed):
+tightened by CP-SAT (:mod:`edgeswarm.bench.exact`, when OR-Tools is installed):
 the bound it proves within ``exact_s`` of deterministic time, and where that is the
 optimum, the policies are also compared to it. ``dynamic``: a plan is made on the first
 cluster, then after every leave/join event it is re-planned (:func:`replan`) and, for
@@ -234,7 +234,7 @@ def _dynamic(instances: Sequence[Any], seed: int, say: Progress,
 def _exact(p: Problem, lb: float, exact_s: float, seed: int, say: Progress,
            bound: dict[str, Any]) -> tuple[float, float | None, float]:
     """(lower bound, proven optimum or None, exact_s: 0 once OR-Tools is found missing)."""
-    from edgeswarm.placement.exact import exact_bound
+    from edgeswarm.bench.exact import exact_bound
 
     try:
         e = exact_bound(p, lb, exact_s, seed)

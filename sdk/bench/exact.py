@@ -16,8 +16,10 @@ times are rounded *down* to a grid of 10⁻⁵ of the fast bound, so what CP-SAT
 below every plan the simulator accepts. Tensor-parallel groups and codecs are outside
 it: do not use it to bound plans that may use them.
 
-OR-Tools is an optional dependency (``pip install ortools``); :class:`RuntimeNotAvailable`
-says so when it is missing.
+It lives with the benchmarks, not in ``placement/``: only the benchmark needs it, and
+OR-Tools is an optional dependency (``pip install ortools``; ``placement/`` keeps to
+numpy, torch and torch-geometric). :class:`RuntimeNotAvailable` says so when it is
+missing.
 """
 
 from __future__ import annotations

@@ -5,16 +5,14 @@ import sys
 
 import pytest
 
+from edgeswarm.bench.exact import exact_bound
 from edgeswarm.placement import policies, suites
 from edgeswarm.placement.bounds import lower_bound, optimum
 from edgeswarm.placement.cluster import Cluster, Device, DeviceId, LinkSpec
 from edgeswarm.placement.errors import InvalidInput, RuntimeNotAvailable
-from edgeswarm.placement.exact import exact_bound
 from edgeswarm.placement.policies import Options
 from edgeswarm.placement.problem import Problem
 from edgeswarm.placement.taskgraph import Edge, Task, TaskGraph, TaskId
-
-pytest.importorskip("ortools.sat.python.cp_model")
 
 
 def fan_out() -> Problem:
