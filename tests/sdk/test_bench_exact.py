@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from edgeswarm.bench.exact import exact_bound
+from edgeswarm.bench.exact import ExactBound, exact_bound
 from edgeswarm.placement import policies, suites
 from edgeswarm.placement.bounds import lower_bound, optimum
 from edgeswarm.placement.cluster import Cluster, Device, DeviceId, LinkSpec
@@ -28,6 +28,14 @@ def fan_out() -> Problem:
     return Problem(g, c)
 
 
+def bounds(suite: str, i: int) -> tuple[Problem, float, ExactBound]:
+    """Instance ``i`` of ``suite``, its fast bound and CP-SAT's."""
+    inst = suites.build(suite, i + 1)[i]
+    p = Problem(inst.graph, inst.cluster)
+    fast = lower_bound(p, codecs=False)
+    return p, fast, exact_bound(p, fast, seconds=0.5)
+
+
 def test_hand_worked_optimum():
     p = fan_out()
     e = exact_bound(p, 0.1, seconds=1.0)
@@ -38,10 +46,7 @@ def test_hand_worked_optimum():
 def test_tighter_than_the_fast_bound_where_it_relaxes_device_choice():
     """giph_grid instance 6 (20 tasks): the fast bound is 7% below the optimum CP-SAT
     proves; every plan a policy finds lies above the proven bound."""
-    inst = suites.build("giph_grid", 7)[6]
-    p = Problem(inst.graph, inst.cluster)
-    fast = lower_bound(p, codecs=False)
-    e = exact_bound(p, fast, seconds=0.5)
+    p, fast, e = bounds("giph_grid", 6)
     assert e.optimal and e.bound > 1.05 * fast
     plan = policies.solve(p, "search", Options(codecs=False, budget=20 * p.n))
     assert plan.predicted_latency_s >= e.bound * (1 - 1e-9)
@@ -49,10 +54,7 @@ def test_tighter_than_the_fast_bound_where_it_relaxes_device_choice():
 
 @pytest.mark.parametrize("i", range(4))
 def test_no_policy_beats_the_bound_on_giph_grid(i):
-    inst = suites.build("giph_grid", 4)[i]
-    p = Problem(inst.graph, inst.cluster)
-    fast = lower_bound(p, codecs=False)
-    e = exact_bound(p, fast, seconds=0.5)
+    p, fast, e = bounds("giph_grid", i)
     assert e.bound >= fast
     for pol in ("heft", "search", "greedy"):
         plan = policies.solve(p, pol, Options(codecs=False, seed=i))
@@ -61,10 +63,7 @@ def test_no_policy_beats_the_bound_on_giph_grid(i):
 
 @pytest.mark.parametrize("seed", range(6))
 def test_below_the_brute_force_optimum_on_tiny(seed):
-    inst = suites.build("tiny", 6)[seed]
-    p = Problem(inst.graph, inst.cluster)
-    fast = lower_bound(p, codecs=False)
-    e = exact_bound(p, fast, seconds=0.5)
+    p, fast, e = bounds("tiny", seed)
     opt = optimum(p)[0]
     assert fast <= e.bound <= opt * (1 + 1e-9)
 
