@@ -81,7 +81,6 @@ def aware_list_schedule(tb: Tables, order: Sequence[int], *, use_codecs: bool, t
     peak = np.zeros(tb.m)
     codecs: Codecs = {}
     for t in order:
-        ready, choice = _arrivals(tb, ls, t, use_codecs)
         need = params + tb.param[t] + np.maximum(peak, tb.act[t])
         ok = np.nonzero(tb.allowed[t] & (need <= tb.mem))[0]
         if not len(ok):
@@ -89,9 +88,17 @@ def aware_list_schedule(tb: Tables, order: Sequence[int], *, use_codecs: bool, t
                 f"task {p.task_ids[t]!r} ({p.param[t]} parameter bytes) fits in the memory "
                 f"of none of its devices ({', '.join(p.dev_ids[j] for j in p.allowed[t])}) "
                 f"next to the tasks placed before it")
+        grows = tp and bool(tb.splittable[t])
+        if use_codecs or grows:
+            ready, choice = _arrivals(tb, ls, t, use_codecs)
+            at = ready.tolist()
+        else:  # plain transfers: the simulator's own rule on the devices that may run t
+            at = [0.0] * tb.m
+            for j in ok.tolist():
+                at[j] = ls.ready(t, (j,))
         best = np.inf
         group: Group = (int(ok[0]),)
-        comp, at = p.comp[t], ready.tolist()   # plain floats: this loop is the hot one
+        comp = p.comp[t]   # plain floats: this loop is the hot one
         ahead = lookahead[t].tolist() if lookahead is not None else [0.0] * tb.m
         for j in ok.tolist():
             end = earliest_start(ls.busy[j], at[j], comp[j]) + comp[j] + ahead[j]
@@ -102,7 +109,7 @@ def aware_list_schedule(tb: Tables, order: Sequence[int], *, use_codecs: bool, t
             end = earliest_start(ls.busy[j], at[j], comp[j]) + comp[j] + ahead[j]
             if end <= best * (1.0 + anchor[1]):
                 best, group = end, (j,)
-        if tp and tb.splittable[t]:
+        if grows:
             group = _grow(tb, ls, params, peak, t, group, best - ahead[group[0]], ready)
         chosen: Codecs = {}
         for i, (s, _) in enumerate(p.preds[t]):
