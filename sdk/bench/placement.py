@@ -22,7 +22,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeswarm.placement import policies
 from edgeswarm.placement.errors import (
@@ -35,6 +35,9 @@ from edgeswarm.placement.plan import Plan
 from edgeswarm.placement.policies import Options
 from edgeswarm.placement.problem import Problem
 from edgeswarm.placement.replan import replan, tasks_moved
+
+if TYPE_CHECKING:
+    from edgeswarm.bench.exact import ExactBound
 
 STATIC_SUITES = ("giph_grid", "headroom", "tiny", "tp", "speed")
 SUITES = (*STATIC_SUITES, "dynamic")
@@ -159,9 +162,16 @@ def _static(suite: str, instances: Sequence[Any], seed: int, say: Progress,
         lb = lower_bound(p, tp=tp, codecs=False)
         opt = optimum(p)[0] if suite == "tiny" else None
         if exact_s > 0:
-            lb, opt, exact_s = _exact(p, lb, exact_s, seed + i, say, bound)
-            proven += opt is not None
-            bound["proven_optimal"] = proven
+            e = _exact(p, lb, exact_s, seed + i, say)
+            if e is None:
+                exact_s = 0.0
+                bound["lower_bound"] += " (no CP-SAT: OR-Tools is not installed)"
+            else:
+                lb, opt = e.bound, e.bound if e.optimal else None
+                proven += e.optimal
+                bound["lower_bound"] = (f"path, load and deadline load; CP-SAT, {exact_s:g} s "
+                                        f"deterministic")
+                bound["proven_optimal"] = proven
         spans: dict[str, float] = {}
         for pol in POLICIES:
             plan = _solve(p, pol, Options(tp=tp, codecs=False, seed=seed + i), clock,
@@ -231,19 +241,16 @@ def _dynamic(instances: Sequence[Any], seed: int, say: Progress,
     return tallies
 
 
-def _exact(p: Problem, lb: float, exact_s: float, seed: int, say: Progress,
-           bound: dict[str, Any]) -> tuple[float, float | None, float]:
-    """(lower bound, proven optimum or None, exact_s: 0 once OR-Tools is found missing)."""
+def _exact(p: Problem, lb: float, exact_s: float, seed: int,
+           say: Progress) -> ExactBound | None:
+    """CP-SAT's bound, or None (said once) when OR-Tools is missing."""
     from edgeswarm.bench.exact import exact_bound
 
     try:
-        e = exact_bound(p, lb, exact_s, seed)
+        return exact_bound(p, lb, exact_s, seed)
     except RuntimeNotAvailable as exc:
         say(str(exc))
-        bound["lower_bound"] += f" (no CP-SAT: {exc})"
-        return lb, None, 0.0
-    bound["lower_bound"] = f"path, load and deadline load; CP-SAT, {exact_s:g} s deterministic"
-    return e.bound, e.bound if e.optimal else None, exact_s
+        return None
 
 
 def _solve(p: Problem, pol: str, opts: Options, clock: Clock, tally: _Tally) -> Plan | None:

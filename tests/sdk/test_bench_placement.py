@@ -68,3 +68,17 @@ def test_exact_bound_can_be_turned_off_and_only_tightens():
 def test_unknown_suite_is_an_error():
     with pytest.raises(InvalidInput, match="unknown suite"):
         bench.run(["nope"], instances=1)
+
+
+def test_negative_exact_time_is_an_error():
+    with pytest.raises(InvalidInput, match="--exact-s must be >= 0"):
+        bench.run(["giph_grid"], instances=1, exact_s=-1)
+
+
+def test_without_ortools_the_fast_bound_is_used_and_named(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ortools.sat.python", None)
+    giph = bench.run(["giph_grid"], instances=1)["suites"]["giph_grid"]
+    assert "no CP-SAT" in giph["lower_bound"] and "proven_optimal" not in giph
+    assert giph["policies"]["heft"]["mean_ratio_lb"] >= 1.0
