@@ -44,13 +44,7 @@ def list_schedule(p: Problem, order: Sequence[int], policy: str) -> tuple[list[G
     ls = ListScheduler(p)
     book = MemoryBook(p)
     for t in order:
-        best, best_j = None, -1
-        for j in p.allowed[t]:
-            if not book.fits(t, j):
-                continue
-            f = ls.finish(t, (j,))
-            if best is None or f < best:
-                best, best_j = f, j
+        _, best_j = ls.first_finish(t, [j for j in p.allowed[t] if book.fits(t, j)])
         if best_j < 0:
             raise PlacementInfeasible(
                 f"task {p.task_ids[t]!r} ({p.param[t]} parameter bytes) fits in the memory "

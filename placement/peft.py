@@ -20,7 +20,7 @@ import heapq
 from edgeswarm.placement.baselines import no_room
 from edgeswarm.placement.heft import MemoryBook
 from edgeswarm.placement.policies import Options, Solution
-from edgeswarm.placement.problem import INF, Problem
+from edgeswarm.placement.problem import Problem
 from edgeswarm.placement.simulator import ListScheduler
 
 
@@ -58,13 +58,8 @@ def solve(p: Problem, opts: Options) -> Solution:
     order: list[int] = []
     while ready:
         _, _, t = heapq.heappop(ready)
-        best, best_j = INF, -1
-        for j in p.allowed[t]:
-            if not book.fits(t, j):
-                continue
-            oeft = ls.finish(t, (j,)) + table[t][j]
-            if oeft < best:
-                best, best_j = oeft, j
+        # the least optimistic finish: EFT + OCT
+        _, best_j = ls.first_finish(t, [j for j in p.allowed[t] if book.fits(t, j)], table[t])
         if best_j < 0:
             raise no_room(p, t)
         ls.place(t, (best_j,))

@@ -179,13 +179,9 @@ def _repair(p: Problem, old: Sequence[Group | None], order: Sequence[int],
     for t in order:
         g = old[t]
         stay = g is not None and _usable(p, t, g, tp) and room.fits(t, g)
-        best: Group | None = None
-        best_f = INF
-        for j in p.allowed[t]:
-            if (not stay or fresh is None or j in fresh) and room.fits(t, (j,)):
-                f = ls.finish(t, (j,))
-                if f < best_f:
-                    best, best_f = (j,), f
+        best_f, j = ls.first_finish(t, [j for j in p.allowed[t] if (
+            not stay or fresh is None or j in fresh) and room.fits(t, (j,))])
+        best: Group | None = (j,) if j >= 0 else None
         if stay and g is not None and g != best and ls.finish(t, g) <= best_f * (1.0 + STICK):
             best = g
         if best is None:

@@ -117,6 +117,43 @@ class ListScheduler:
                 ready = at
         return ready
 
+    def arrivals(self, t: int) -> list[float]:
+        """:meth:`ready` of ``(j,)`` for every device ``j``, all at once."""
+        p, end, groups = self.p, self.end, self.groups
+        if self.codecs:
+            return [self.ready(t, (j,)) for j in range(p.m)]
+        at = [0.0] * p.m
+        for s, b in p.preds[t]:
+            src, e = groups[s], end[s]
+            if len(src) == 1:
+                q = src[0]
+                lq, iq = p.lat[q], p.inv_bw[q]
+                arr = [e + (x + b * y) for x, y in zip(lq, iq, strict=True)]
+                arr[q] = e
+            else:
+                arr = [arrival(p, s, t, b, src, (j,), e, None) for j in range(p.m)]
+            at = [x if x > y else y for x, y in zip(at, arr, strict=True)]
+        return at
+
+    def first_finish(self, t: int, devices: Sequence[int], extra: Sequence[float] | None = None,
+                     ready: Sequence[float] | None = None) -> tuple[float, int]:
+        """The least finish time of ``t`` alone on one of ``devices``, plus ``extra[j]``
+        (a look-ahead) when given, and that device (the first of equals); ``(inf, -1)``
+        when ``devices`` is empty. ``ready``: :meth:`arrivals`, when the caller has it.
+        The same choice as :meth:`finish` on each device, faster: a device whose
+        arrival + compute is already no better is not searched for an idle slot."""
+        at = ready if ready is not None else self.arrivals(t)
+        comp, busy = self.p.comp[t], self.busy
+        best, best_j = INF, -1
+        for j in devices:
+            c = comp[j]
+            x = extra[j] if extra is not None else 0.0
+            if at[j] + c + x < best:
+                f = earliest_start(busy[j], at[j], c) + c + x
+                if f < best:
+                    best, best_j = f, j
+        return best, best_j
+
     def slot(self, t: int, g: Group) -> tuple[float, float]:
         """(start, end) that placing ``t`` on ``g`` would get."""
         p = self.p

@@ -257,19 +257,26 @@ def _slack(tb: Tables, groups: Sequence[Group], S: np.ndarray, F: np.ndarray, no
            trans_cur: np.ndarray, order_pos: np.ndarray) -> np.ndarray:
     """How long each task could slip without delaying the makespan, given the current
     device sequences and transfers (a backward pass over the timeline)."""
-    start, end, cost, pos = S.tolist(), F.tolist(), trans_cur.tolist(), order_pos.tolist()
-    order = sorted(range(tb.n), key=lambda t: (start[t], end[t], pos[t]), reverse=True)
+    start, end, cost = S.tolist(), F.tolist(), trans_cur.tolist()
+    # latest first: by start, end, then priority position (unique, so no ties)
+    order = np.lexsort((order_pos, F, S))[::-1].tolist()
     latest = [now] * tb.n
-    next_on: dict[int, float] = {}
+    next_on = [np.inf] * tb.m  # latest start of the next task on each device
+    succ = tb.succ_edges
     for t in order:
         f = now
-        for v, e in tb.succ_edges[t]:
-            f = min(f, latest[v] - cost[e])
-        for j in groups[t]:
-            f = min(f, next_on.get(j, f))
-        latest[t] = f - (end[t] - start[t])
-        for j in groups[t]:
-            next_on[j] = latest[t]
+        for v, e in succ[t]:
+            x = latest[v] - cost[e]
+            if x < f:
+                f = x
+        g = groups[t]
+        for j in g:
+            if next_on[j] < f:
+                f = next_on[j]
+        f = f - (end[t] - start[t])
+        latest[t] = f
+        for j in g:
+            next_on[j] = f
     return np.maximum(np.array(latest) - S, 0.0)
 
 

@@ -77,13 +77,17 @@ def aware_list_schedule(tb: Tables, order: Sequence[int], *, use_codecs: bool, t
     p = tb.p
     spec: dict[tuple[int, int], CodecSpec] = {}
     ls = ListScheduler(p, spec)
-    params = np.zeros(tb.m)
-    peak = np.zeros(tb.m)
+    # memory in use per device, in plain floats: the loop over tasks is the hot one
+    params = [0.0] * tb.m
+    peak = [0.0] * tb.m
+    mem = tb.mem.tolist()
+    act = tb.act.tolist()
     codecs: Codecs = {}
     for t in order:
-        need = params + tb.param[t] + np.maximum(peak, tb.act[t])
-        ok = np.nonzero(tb.allowed[t] & (need <= tb.mem))[0]
-        if not len(ok):
+        param_t, act_t = float(p.param[t]), act[t]
+        devices = [j for j in p.allowed[t]
+                   if params[j] + param_t + (peak[j] if peak[j] > act_t else act_t) <= mem[j]]
+        if not devices:
             raise PlacementInfeasible(
                 f"task {p.task_ids[t]!r} ({p.param[t]} parameter bytes) fits in the memory "
                 f"of none of its devices ({', '.join(p.dev_ids[j] for j in p.allowed[t])}) "
@@ -92,28 +96,21 @@ def aware_list_schedule(tb: Tables, order: Sequence[int], *, use_codecs: bool, t
         if use_codecs or grows:
             ready, choice = _arrivals(tb, ls, t, use_codecs)
             at = ready.tolist()
-        else:  # plain transfers: the simulator's own rule on the devices that may run t
-            at = [0.0] * tb.m
-            for j in ok.tolist():
-                at[j] = ls.ready(t, (j,))
-        best = np.inf
-        group: Group = (int(ok[0]),)
-        comp = p.comp[t]   # plain floats: this loop is the hot one
-        ahead = lookahead[t].tolist() if lookahead is not None else [0.0] * tb.m
-        for j in ok.tolist():
-            end = earliest_start(ls.busy[j], at[j], comp[j]) + comp[j] + ahead[j]
-            if end < best:
-                best, group = end, (j,)
-        if anchor is not None and anchor[0] in ok and group[0] != anchor[0]:
-            j = anchor[0]
-            end = earliest_start(ls.busy[j], at[j], comp[j]) + comp[j] + ahead[j]
+        else:  # plain transfers: the simulator's own rule
+            at = ls.arrivals(t)
+        ahead = lookahead[t].tolist() if lookahead is not None else None
+        best, first = ls.first_finish(t, devices, ahead, at)
+        group: Group = (first,)
+        if anchor is not None and anchor[0] in devices and first != anchor[0]:
+            end, j = ls.first_finish(t, (anchor[0],), ahead, at)
             if end <= best * (1.0 + anchor[1]):
                 best, group = end, (j,)
         if grows:
-            group = _grow(tb, ls, params, peak, t, group, best - ahead[group[0]], ready)
+            group = _grow(tb, ls, np.array(params), np.array(peak), t, group,
+                          best - (ahead[group[0]] if ahead is not None else 0.0), ready)
         chosen: Codecs = {}
-        for i, (s, _) in enumerate(p.preds[t]):
-            if set(group) <= set(ls.groups[s]) or not use_codecs:
+        for i, (s, _) in enumerate(p.preds[t] if use_codecs else ()):
+            if set(group) <= set(ls.groups[s]):
                 continue
             if len(group) == 1 and len(ls.groups[s]) == 1:
                 c = int(choice[i, group[0]])
@@ -126,12 +123,10 @@ def aware_list_schedule(tb: Tables, order: Sequence[int], *, use_codecs: bool, t
             spec[key] = p.codec_table[name]
         codecs.update(chosen)
         ls.place(t, group)
-        if len(group) == 1:
-            params[group[0]] += tb.param[t]
-            peak[group[0]] = max(peak[group[0]], tb.act[t])
-        else:
-            params[list(group)] += _shares(tb, t, group)
-            peak[list(group)] = np.maximum(peak[list(group)], tb.act[t])
+        for j, share in zip(group, _shares(tb, t, group).tolist() if len(group) > 1
+                            else (param_t,), strict=True):
+            params[j] += share
+            peak[j] = max(peak[j], act_t)
     return list(ls.groups), codecs, Timeline(ls.start, ls.end, max(ls.end) if ls.end else 0.0)
 
 

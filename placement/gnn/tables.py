@@ -183,9 +183,9 @@ def member_matrix(m: int, reps: np.ndarray) -> np.ndarray:
 
 def reps(groups: Sequence[Group]) -> np.ndarray:
     """``n × k``: each group's members, padded with its first member (k = largest group)."""
-    k = max(len(g) for g in groups)
+    k = max(map(len, groups))
     if k == 1:
-        return np.array(groups, dtype=np.int64).reshape(len(groups), 1)
+        return np.array([g[0] for g in groups], dtype=np.int64)[:, None]
     return np.array([list(g) + [g[0]] * (k - len(g)) for g in groups], dtype=np.int64)
 
 

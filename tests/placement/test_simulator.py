@@ -176,3 +176,37 @@ def test_evaluate_from_a_prefix_is_evaluate(make_instance, seed):
         assert p.calls == calls + 1
         assert fast == evaluate(p, new_groups, new_codecs, order)
         groups, codecs, base = new_groups, new_codecs, fast
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("with_codecs", [False, True])
+def test_first_finish_is_the_least_finish_over_devices(make_instance, seed, with_codecs):
+    """The all-devices shortcuts of list scheduling (arrivals at once, no slot search
+    where arrival + compute is already no better) choose exactly what probing every
+    device with ``finish`` does, look-ahead included, next to tensor-parallel sources."""
+    import numpy as np
+
+    from edgeswarm.placement.problem import Problem
+    from edgeswarm.placement.simulator import ListScheduler
+
+    rng = np.random.default_rng(seed)
+    graph, cluster = make_instance(seed, tasks=25, devices=5, splittable=0.3)
+    p = Problem(graph, cluster)
+    codecs = {(s, d): p.codec_table["int8"] for s in range(p.n) for d, _ in p.succs[s]
+              if with_codecs and rng.uniform() < 0.5}
+    ls = ListScheduler(p, codecs)
+    for t in p.default_order:
+        assert ls.arrivals(t) == [ls.ready(t, (j,)) for j in range(p.m)]
+        extra = rng.uniform(0, 2, p.m).tolist()
+        devices = [j for j in p.allowed[t] if rng.uniform() < 0.8]
+        probed = [(ls.finish(t, (j,)) + extra[j], j) for j in devices]
+        want = min(probed, key=lambda fj: fj[0]) if probed else (float("inf"), -1)
+        assert ls.first_finish(t, devices, extra) == want
+        assert ls.first_finish(t, devices) == min(
+            ((ls.finish(t, (j,)), j) for j in devices), key=lambda fj: fj[0],
+            default=(float("inf"), -1))
+        allowed = list(p.allowed[t])
+        if p.splittable[t] and len(allowed) > 1 and rng.uniform() < 0.5:
+            ls.place(t, tuple(int(x) for x in rng.choice(allowed, size=2, replace=False)))
+        else:
+            ls.place(t, (want[1] if want[1] >= 0 else allowed[0],))
