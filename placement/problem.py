@@ -137,6 +137,9 @@ class Problem:
                 key = (self.t_index.get(TaskId(first), -1), self.t_index.get(TaskId(then), -1))
                 self._only_on.setdefault(key, set()).add(name)
         self.calls = 0
+        #: tables a policy derives from this problem, kept for the next step that needs
+        #: them (re-planning and the GNN's search share one set)
+        self.memo: dict[str, object] = {}
 
     # -- costs -------------------------------------------------------------------------
     def mean_comp(self, t: int) -> float:

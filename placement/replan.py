@@ -31,7 +31,13 @@ from edgeswarm.placement.heft import list_schedule
 from edgeswarm.placement.plan import Plan
 from edgeswarm.placement.policies import Options, Solution, solve
 from edgeswarm.placement.problem import INF, Group, Problem
-from edgeswarm.placement.simulator import ListScheduler, evaluate, schedule_of, violation
+from edgeswarm.placement.simulator import (
+    ListScheduler,
+    Timeline,
+    evaluate,
+    schedule_of,
+    violation,
+)
 from edgeswarm.placement.taskgraph import TaskGraph
 
 #: In the repair, a task stays on its old device(s) unless another finishes it more than
@@ -74,12 +80,13 @@ def replan(plan: Plan, graph: TaskGraph, new_cluster: Cluster, policy: str = "se
 
     ``policy`` is the improving policy of step 2 (``"search"`` or ``"gnn"``), or
     ``"repair"`` to stop after the repair. ``opts.budget`` bounds its simulator calls
-    (default |V|, :data:`REPLAN_BUDGET`); choosing the start costs up to 6 more and the settle step
-    at most one per task the improver moved. ``old_cluster`` tells which devices are new
-    or changed speed; without it, devices absent from the old plan's memory table (or,
-    for a plan never simulated, unused by it) count as new. ``codec_table``: the codecs
-    the edges may carry and what they cost (default: the built-in table), so a plan whose
-    codecs were measured on the model keeps them. Raises
+    (default |V|, :data:`REPLAN_BUDGET`); choosing the start costs none (its candidates
+    are list schedules) and the settle step at most one per task the improver moved.
+    ``old_cluster`` tells which devices are new or changed speed; without it, devices
+    absent from the old plan's memory table (or, for a plan never simulated, unused by
+    it) count as new. ``codec_table``: the codecs the edges may carry and what they cost
+    (default: the built-in table), so a plan whose codecs were measured on the model
+    keeps them. Raises
     :class:`PlacementInfeasible` naming the task when no device of the new cluster may
     run it or has room for it.
     """
@@ -170,10 +177,12 @@ def _usable(p: Problem, t: int, g: Group, tp: bool) -> bool:
 
 
 def _repair(p: Problem, old: Sequence[Group | None], order: Sequence[int],
-            codecs: IndexCodecs, tp: bool, fresh: set[int] | None) -> list[Group] | None:
+            codecs: IndexCodecs, tp: bool, fresh: set[int] | None
+            ) -> tuple[list[Group], Timeline] | None:
     """List-schedule in ``order``: a task stays where it was unless a ``fresh`` device
     (any device when None) finishes it clearly earlier; a task that cannot stay goes
-    where it finishes earliest. None: a task fits nowhere."""
+    where it finishes earliest. Returns the plan and its timeline (the simulator's), or
+    None: a task fits nowhere."""
     room = _Room(p)
     ls = ListScheduler(p, {k: p.codec_table[v] for k, v in codecs.items()})
     for t in order:
@@ -188,7 +197,7 @@ def _repair(p: Problem, old: Sequence[Group | None], order: Sequence[int],
             return None
         room.add(t, best)
         ls.place(t, best)
-    return list(ls.groups)
+    return list(ls.groups), ls.timeline()
 
 
 Start = tuple[list[Group], IndexCodecs, list[int]]
@@ -198,37 +207,45 @@ def _start(p: Problem, old: Sequence[Group | None], order: list[int],
            codecs: IndexCodecs, opts: Options, fresh: set[int]) -> Start:
     """The plan to improve: of the repairs (kept tasks may move to fresh devices only, or
     to any device) and the start plans of a plan from scratch (HEFT, and HEFT's rule
-    with PEFT's order or look-ahead), the one with the least makespan × (1 +
-    MOVE_PRICE × share of tasks moved)."""
-    cands: list[Start] = []
+    with PEFT's order or look-ahead, or anchored on a fast device), the one with the
+    least makespan × (1 + MOVE_PRICE × share of tasks moved). Every candidate is a list
+    schedule whose timeline comes with it: choosing costs no simulator call."""
+    cands: list[tuple[Start, Timeline]] = []
     for limit in (fresh, None):
-        groups = _repair(p, old, order, codecs, opts.tp, limit)
-        if groups is not None:
-            cands.append((groups, _cut_only(p, groups, codecs), order))
-    try:
-        cands.append((list_schedule(p, order, "replan")[0], {}, order))
-    except PlacementInfeasible:
-        if not cands:
-            raise
+        repaired = _repair(p, old, order, codecs, opts.tp, limit)
+        if repaired is not None:
+            groups, timeline = repaired
+            cands.append(((groups, _cut_only(p, groups, codecs), order), timeline))
     cands.extend(_scratch_starts(p, order, opts))
+    if not cands:
+        raise _no_plan(p, order)
 
-    def cost(cand: Start) -> float:
-        groups, names, od = cand
-        span = evaluate(p, groups, {k: p.codec_table[v] for k, v in names.items()},
-                        od).makespan
+    def cost(cand: tuple[Start, Timeline]) -> float:
+        (groups, _, _), timeline = cand
         moved = sum(1 for t, g in enumerate(old) if g is None or set(g) != set(groups[t]))
-        return span * (1.0 + MOVE_PRICE * moved / max(p.n, 1))
+        return timeline.makespan * (1.0 + MOVE_PRICE * moved / max(p.n, 1))
 
-    return min(cands, key=cost)
+    return min(cands, key=cost)[0]
 
 
-def _scratch_starts(p: Problem, order: list[int], opts: Options) -> list[Start]:
-    """The start plans of the GNN policy from scratch (numpy only)."""
+def _no_plan(p: Problem, order: list[int]) -> PlacementInfeasible:
+    """Why no list schedule fits: HEFT's error, naming the task."""
+    try:
+        list_schedule(p, order, "replan")
+    except PlacementInfeasible as exc:
+        return exc
+    return PlacementInfeasible("no start plan fits the new cluster's memory")
+
+
+def _scratch_starts(p: Problem, order: list[int], opts: Options
+                    ) -> list[tuple[Start, Timeline]]:
+    """HEFT's plan and the other start plans of the GNN policy from scratch (numpy only),
+    with their timelines."""
     from edgeswarm.placement.gnn.start import scratch_starts
     from edgeswarm.placement.gnn.tables import Tables
 
-    starts = scratch_starts(Tables.of(p), order, opts)
-    return [(groups, codecs, od) for groups, codecs, od, _ in starts]
+    starts = scratch_starts(Tables.of(p), order, opts, heft=True)
+    return [((groups, codecs, od), timeline) for groups, codecs, od, timeline in starts]
 
 
 def _fresh(p: Problem, plan: Plan, old_cluster: Cluster | None) -> set[int]:

@@ -50,7 +50,7 @@ def evaluate(p: Problem, groups: Sequence[Group], codecs: Codecs | None = None,
     ls = ListScheduler(p, codecs)
     for t in order if order is not None else p.default_order:
         ls.place(t, groups[t])
-    return Timeline(ls.start, ls.end, max(ls.end) if ls.end else 0.0)
+    return ls.timeline()
 
 
 def evaluate_from(p: Problem, groups: Sequence[Group], codecs: Codecs | None,
@@ -73,7 +73,7 @@ def evaluate_from(p: Problem, groups: Sequence[Group], codecs: Codecs | None,
         busy.sort()
     for t in order[k:]:
         ls.place(t, groups[t])
-    return Timeline(ls.start, ls.end, max(ls.end) if ls.end else 0.0)
+    return ls.timeline()
 
 
 class ListScheduler:
@@ -153,6 +153,10 @@ class ListScheduler:
                 if f < best:
                     best, best_j = f, j
         return best, best_j
+
+    def timeline(self) -> Timeline:
+        """The timeline of the tasks placed so far (of the whole plan, once all are)."""
+        return Timeline(self.start, self.end, max(self.end) if self.end else 0.0)
 
     def slot(self, t: int, g: Group) -> tuple[float, float]:
         """(start, end) that placing ``t`` on ``g`` would get."""

@@ -127,7 +127,7 @@ def aware_list_schedule(tb: Tables, order: Sequence[int], *, use_codecs: bool, t
                             else (param_t,), strict=True):
             params[j] += share
             peak[j] = max(peak[j], act_t)
-    return list(ls.groups), codecs, Timeline(ls.start, ls.end, max(ls.end) if ls.end else 0.0)
+    return list(ls.groups), codecs, ls.timeline()
 
 
 #: Anchored starts: the devices with the least total compute time over the tasks they
@@ -145,13 +145,15 @@ def anchors(tb: Tables) -> list[tuple[int, float]]:
     return [(int(j), slack) for j in best.tolist() for slack in ANCHOR_SLACKS]
 
 
-def scratch_starts(tb: Tables, order: list[int], opts: Options) -> Iterator[Start]:
+def scratch_starts(tb: Tables, order: list[int], opts: Options, *,
+                   heft: bool = False) -> Iterator[Start]:
     """List schedules aware of codecs and tensor parallelism (when allowed) in HEFT's or
     PEFT's priority order, each task going where it finishes first (HEFT's rule) or
     where finish plus PEFT's look-ahead is least (the four combinations; HEFT's own is
     skipped when it would be HEFT's plan again); then HEFT's rule anchored on each of
-    the fastest devices (:func:`~edgeswarm.placement.gnn.start.anchors`). Numpy only:
-    re-planning uses them too."""
+    the fastest devices (:func:`~edgeswarm.placement.gnn.start.anchors`). ``heft``:
+    include HEFT's own plan (the same rule, same order) too. Numpy only: re-planning
+    uses them too."""
     aware = opts.codecs or (opts.tp and bool(tb.splittable.any()))
     oct_order, oct_ = optimistic(tb, opts.codecs)
     tries: list[tuple[list[int], np.ndarray | None, tuple[int, float] | None]] = [
@@ -159,7 +161,7 @@ def scratch_starts(tb: Tables, order: list[int], opts: Options) -> Iterator[Star
         (oct_order, None, None)]
     tries += [(order, None, a) for a in anchors(tb)]
     for od, ahead, anchor in tries:
-        if ahead is None and anchor is None and od == order and not aware:
+        if ahead is None and anchor is None and od == order and not aware and not heft:
             continue  # that is HEFT's plan again
         try:
             groups, codecs, timeline = aware_list_schedule(

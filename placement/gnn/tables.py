@@ -56,6 +56,14 @@ class Tables:
 
     @classmethod
     def of(cls, p: Problem) -> Tables:
+        """The tables of ``p``, built once per problem (kept in ``p.memo``)."""
+        tables = p.memo.get("gnn.tables")
+        if not isinstance(tables, Tables):
+            tables = p.memo["gnn.tables"] = cls._build(p)
+        return tables
+
+    @classmethod
+    def _build(cls, p: Problem) -> Tables:
         comp = np.array(p.comp, dtype=np.float64).reshape(p.n, p.m)
         allowed = np.isfinite(comp)
         edges = [(s, d, b) for s in range(p.n) for d, b in p.succs[s]]
