@@ -242,15 +242,12 @@ def _busy_between(P: np.ndarray, S: np.ndarray, F: np.ndarray, lo: np.ndarray,
     before = np.cumsum(dur) - dur
     shift = np.arange(m)[None, :] * W
 
-    def busy(x: np.ndarray) -> np.ndarray:
-        q = x + shift
-        k = np.searchsorted(key, q, side="right") - 1
-        kk = np.maximum(k, 0)
-        out = before[kk] + np.clip(q - key[kk], 0.0, dur[kk])
-        return np.where(k >= 0, out, 0.0)
-
+    q = np.stack([lo, hi]) + shift  # both ends of every window, in one search
+    k = np.searchsorted(key, q, side="right") - 1
+    kk = np.maximum(k, 0)
+    busy = np.where(k >= 0, before[kk] + np.clip(q - key[kk], 0.0, dur[kk]), 0.0)
     own = P * np.maximum(np.minimum(F[:, None], hi) - np.maximum(S[:, None], lo), 0.0)
-    return np.maximum(busy(hi) - busy(lo) - own, 0.0)
+    return np.maximum(busy[1] - busy[0] - own, 0.0)
 
 
 def _slack(tb: Tables, groups: Sequence[Group], S: np.ndarray, F: np.ndarray, now: float,
