@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from edgeswarm.placement.errors import PlacementInfeasible
-from edgeswarm.placement.heft import MemoryBook, list_schedule
+from edgeswarm.placement.heft import list_schedule
+from edgeswarm.placement.memory import MemoryBook
 from edgeswarm.placement.policies import Options, Solution
 from edgeswarm.placement.problem import Group, Problem
 
@@ -30,11 +31,11 @@ def solve_random(p: Problem, opts: Options) -> Solution:
     book = MemoryBook(p)
     groups: list[Group] = [()] * p.n
     for t in p.topo:
-        room = [j for j in p.allowed[t] if book.fits(t, j)]
+        room = book.room(t, p.allowed[t])
         if not room:
             raise no_room(p, t)
         j = room[int(rng.integers(len(room)))]
-        book.add(t, j)
+        book.add(t, (j,))
         groups[t] = (j,)
     return Solution(groups)
 

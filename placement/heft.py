@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from edgeswarm.placement.cluster import Cluster
 from edgeswarm.placement.errors import PlacementInfeasible
+from edgeswarm.placement.memory import MemoryBook
 from edgeswarm.placement.plan import Plan
 from edgeswarm.placement.policies import Options, Solution
 from edgeswarm.placement.problem import Group, Problem
@@ -20,38 +21,19 @@ from edgeswarm.placement.simulator import ListScheduler, schedule_of
 from edgeswarm.placement.taskgraph import TaskGraph
 
 
-class MemoryBook:
-    """Per-device memory as tasks are added one by one (parameters + peak activation)."""
-
-    def __init__(self, p: Problem) -> None:
-        self.p = p
-        self.params = [0] * p.m
-        self.peak = [0] * p.m
-
-    def fits(self, t: int, j: int) -> bool:
-        p = self.p
-        act = max(self.peak[j], p.in_bytes[t] + p.out[t])
-        return self.params[j] + p.param[t] + act <= p.dev_mem[j]
-
-    def add(self, t: int, j: int) -> None:
-        p = self.p
-        self.params[j] += p.param[t]
-        self.peak[j] = max(self.peak[j], p.in_bytes[t] + p.out[t])
-
-
 def list_schedule(p: Problem, order: Sequence[int], policy: str) -> tuple[list[Group], Plan]:
     """Earliest-finish-time list scheduling of ``order`` (HEFT's second phase)."""
     ls = ListScheduler(p)
     book = MemoryBook(p)
     for t in order:
-        _, best_j = ls.first_finish(t, [j for j in p.allowed[t] if book.fits(t, j)])
+        _, best_j = ls.first_finish(t, book.room(t, p.allowed[t]))
         if best_j < 0:
             raise PlacementInfeasible(
                 f"task {p.task_ids[t]!r} ({p.param[t]} parameter bytes) fits in the memory "
                 f"of none of its devices ({', '.join(p.dev_ids[j] for j in p.allowed[t])}) "
                 f"next to the tasks placed before it")
         ls.place(t, (best_j,))
-        book.add(t, best_j)
+        book.add(t, (best_j,))
     groups = list(ls.groups)
     return groups, p.to_plan(groups, policy, order=order)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import heapq
 
 from edgeswarm.placement.baselines import no_room
-from edgeswarm.placement.heft import MemoryBook
+from edgeswarm.placement.memory import MemoryBook
 from edgeswarm.placement.policies import Options, Solution
 from edgeswarm.placement.problem import Problem
 from edgeswarm.placement.simulator import ListScheduler
@@ -59,11 +59,11 @@ def solve(p: Problem, opts: Options) -> Solution:
     while ready:
         _, _, t = heapq.heappop(ready)
         # the least optimistic finish: EFT + OCT
-        _, best_j = ls.first_finish(t, [j for j in p.allowed[t] if book.fits(t, j)], table[t])
+        _, best_j = ls.first_finish(t, book.room(t, p.allowed[t]), table[t])
         if best_j < 0:
             raise no_room(p, t)
         ls.place(t, (best_j,))
-        book.add(t, best_j)
+        book.add(t, (best_j,))
         order.append(t)
         for s, _ in p.succs[t]:
             waiting[s] -= 1

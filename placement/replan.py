@@ -28,6 +28,7 @@ from edgeswarm.placement.cluster import Cluster
 from edgeswarm.placement.codecs import CodecSpec
 from edgeswarm.placement.errors import InvalidInput, PlacementInfeasible
 from edgeswarm.placement.heft import list_schedule
+from edgeswarm.placement.memory import MemoryBook
 from edgeswarm.placement.plan import Plan
 from edgeswarm.placement.policies import Options, Solution, solve
 from edgeswarm.placement.problem import INF, Group, Problem
@@ -140,35 +141,6 @@ def _old_groups(p: Problem, plan: Plan) -> list[Group | None]:
     return out
 
 
-class _Room:
-    """Memory per device as tasks claim it, tensor-parallel shares included."""
-
-    def __init__(self, p: Problem) -> None:
-        self.p = p
-        self.params = [0.0] * p.m
-        self.peak = [0] * p.m
-
-    def _shares(self, t: int, g: Group) -> list[tuple[int, float]]:
-        p = self.p
-        if len(g) == 1:
-            return [(g[0], float(p.param[t]))]
-        speed = [1.0 / p.comp[t][j] for j in g]
-        total = sum(speed)
-        return [(j, p.param[t] * s / total) for j, s in zip(g, speed, strict=True)]
-
-    def fits(self, t: int, g: Group) -> bool:
-        p = self.p
-        act = p.in_bytes[t] + p.out[t]
-        return all(self.params[j] + b + max(self.peak[j], act) <= p.dev_mem[j]
-                   for j, b in self._shares(t, g))
-
-    def add(self, t: int, g: Group) -> None:
-        act = self.p.in_bytes[t] + self.p.out[t]
-        for j, b in self._shares(t, g):
-            self.params[j] += b
-            self.peak[j] = max(self.peak[j], act)
-
-
 def _usable(p: Problem, t: int, g: Group, tp: bool) -> bool:
     """``g`` is still a legal place for ``t`` (devices allowed; a group only with TP)."""
     if len(g) > 1 and not (tp and p.splittable[t]):
@@ -183,19 +155,20 @@ def _repair(p: Problem, old: Sequence[Group | None], order: Sequence[int],
     (any device when None) finishes it clearly earlier; a task that cannot stay goes
     where it finishes earliest. Returns the plan and its timeline (the simulator's), or
     None: a task fits nowhere."""
-    room = _Room(p)
+    book = MemoryBook(p)
     ls = ListScheduler(p, {k: p.codec_table[v] for k, v in codecs.items()})
     for t in order:
         g = old[t]
-        stay = g is not None and _usable(p, t, g, tp) and room.fits(t, g)
-        best_f, j = ls.first_finish(t, [j for j in p.allowed[t] if (
-            not stay or fresh is None or j in fresh) and room.fits(t, (j,))])
+        stay = g is not None and _usable(p, t, g, tp) and book.fits(t, g)
+        free = p.allowed[t] if not stay or fresh is None else [
+            j for j in p.allowed[t] if j in fresh]
+        best_f, j = ls.first_finish(t, book.room(t, free))
         best: Group | None = (j,) if j >= 0 else None
         if stay and g is not None and g != best and ls.finish(t, g) <= best_f * (1.0 + STICK):
             best = g
         if best is None:
             return None
-        room.add(t, best)
+        book.add(t, best)
         ls.place(t, best)
     return list(ls.groups), ls.timeline()
 

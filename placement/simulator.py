@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from edgeswarm.placement.cluster import Cluster, DeviceId
 from edgeswarm.placement.codecs import DEFAULT_CODECS, CodecSpec
+from edgeswarm.placement.memory import MemoryBook
 from edgeswarm.placement.plan import Plan, Schedule, Slot
 from edgeswarm.placement.problem import INF, Group, Problem
 from edgeswarm.placement.taskgraph import TaskGraph
@@ -167,11 +168,17 @@ class ListScheduler:
             st = earliest_start(self.busy[g[0]], ready, dur)
             return st, st + dur
         dur = p.group_compute(t, g) + p.allreduce_s(g, p.out[t])
+        st = self.common_start(g, ready, dur)
+        return st, st + dur
+
+    def common_start(self, g: Group, ready: float, dur: float) -> float:
+        """The earliest start from ``ready`` at which every device of ``g`` is idle for
+        ``dur``."""
         st = ready
-        while True:  # the earliest start at which every member is idle
+        while True:
             moved = max(earliest_start(self.busy[j], st, dur) for j in g)
             if moved == st:
-                return st, st + dur
+                return st
             st = moved
 
     def finish(self, t: int, g: Group) -> float:
@@ -225,21 +232,10 @@ def earliest_start(intervals: list[tuple[float, float]], ready: float, dur: floa
 
 def memory(p: Problem, groups: Sequence[Group]) -> list[int]:
     """Bytes each device needs: parameters of its tasks plus its largest activation."""
-    params = [0.0] * p.m
-    peak = [0] * p.m
+    book = MemoryBook(p)
     for t, g in enumerate(groups):
-        if len(g) == 1:
-            params[g[0]] += p.param[t]
-        else:
-            speed = [1.0 / p.comp[t][j] for j in g]
-            total = sum(speed)
-            for j, s in zip(g, speed, strict=True):
-                params[j] += p.param[t] * s / total
-        act = p.in_bytes[t] + p.out[t]
-        for j in g:
-            if act > peak[j]:
-                peak[j] = act
-    return [int(params[j] + peak[j]) for j in range(p.m)]
+        book.add(t, g)
+    return book.used()
 
 
 def violation(p: Problem, groups: Sequence[Group]) -> str:

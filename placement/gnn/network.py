@@ -32,10 +32,10 @@ from edgeswarm.placement.gnn.features import (
 )
 from edgeswarm.placement.gnn.tables import Tables
 
-#: Feature groups the network normalises (mean/std stored with the checkpoint).
 #: Logits per (task, device) option: relocate there, grow the group by it, shrink it.
 OPTION_MOVES = 3
 
+#: Feature groups the network normalises (mean/std stored with the checkpoint).
 GROUPS = {"task": TASK_FEATURES, "device": DEVICE_FEATURES, "option": OPTION_FEATURES,
           "edge": EDGE_FEATURES, "codec": CODEC_FEATURES}
 

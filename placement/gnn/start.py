@@ -21,10 +21,11 @@ from edgeswarm.placement.codecs import CodecSpec
 from edgeswarm.placement.errors import PlacementInfeasible
 from edgeswarm.placement.gnn.features import allreduce_appended
 from edgeswarm.placement.gnn.tables import Tables
+from edgeswarm.placement.memory import MemoryBook
 from edgeswarm.placement.moves import MAX_GROUP
 from edgeswarm.placement.policies import Options
 from edgeswarm.placement.problem import Group
-from edgeswarm.placement.simulator import ListScheduler, Timeline, earliest_start
+from edgeswarm.placement.simulator import ListScheduler, Timeline
 
 Codecs = dict[tuple[int, int], str]
 #: a start plan: groups, codecs, priority order and the timeline the simulator predicts
@@ -77,16 +78,10 @@ def aware_list_schedule(tb: Tables, order: Sequence[int], *, use_codecs: bool, t
     p = tb.p
     spec: dict[tuple[int, int], CodecSpec] = {}
     ls = ListScheduler(p, spec)
-    # memory in use per device, in plain floats: the loop over tasks is the hot one
-    params = [0.0] * tb.m
-    peak = [0.0] * tb.m
-    mem = tb.mem.tolist()
-    act = tb.act.tolist()
+    book = MemoryBook(p)
     codecs: Codecs = {}
     for t in order:
-        param_t, act_t = float(p.param[t]), act[t]
-        devices = [j for j in p.allowed[t]
-                   if params[j] + param_t + (peak[j] if peak[j] > act_t else act_t) <= mem[j]]
+        devices = book.room(t, p.allowed[t])
         if not devices:
             raise PlacementInfeasible(
                 f"task {p.task_ids[t]!r} ({p.param[t]} parameter bytes) fits in the memory "
@@ -106,7 +101,7 @@ def aware_list_schedule(tb: Tables, order: Sequence[int], *, use_codecs: bool, t
             if end <= best * (1.0 + anchor[1]):
                 best, group = end, (j,)
         if grows:
-            group = _grow(tb, ls, np.array(params), np.array(peak), t, group,
+            group = _grow(tb, ls, book, t, group,
                           best - (ahead[group[0]] if ahead is not None else 0.0), ready)
         chosen: Codecs = {}
         for i, (s, _) in enumerate(p.preds[t] if use_codecs else ()):
@@ -123,10 +118,7 @@ def aware_list_schedule(tb: Tables, order: Sequence[int], *, use_codecs: bool, t
             spec[key] = p.codec_table[name]
         codecs.update(chosen)
         ls.place(t, group)
-        for j, share in zip(group, _shares(tb, t, group).tolist() if len(group) > 1
-                            else (param_t,), strict=True):
-            params[j] += share
-            peak[j] = max(peak[j], act_t)
+        book.add(t, group)
     return list(ls.groups), codecs, ls.timeline()
 
 
@@ -192,14 +184,8 @@ def _arrivals(tb: Tables, ls: ListScheduler, t: int,
     return (ends + cost).max(axis=0), choice
 
 
-def _shares(tb: Tables, t: int, g: Group) -> np.ndarray:
-    speed = 1.0 / tb.comp[t, list(g)]
-    out: np.ndarray = tb.param[t] * speed / speed.sum()
-    return out
-
-
-def _grow(tb: Tables, ls: ListScheduler, params: np.ndarray, peak: np.ndarray, t: int,
-          g: Group, end: float, ready: np.ndarray) -> Group:
+def _grow(tb: Tables, ls: ListScheduler, book: MemoryBook, t: int, g: Group, end: float,
+          ready: np.ndarray) -> Group:
     """Add devices to t's group while its estimated finish improves."""
     with np.errstate(divide="ignore"):
         inv = 1.0 / tb.comp[t]  # 0 where t may not run
@@ -212,17 +198,9 @@ def _grow(tb: Tables, ls: ListScheduler, params: np.ndarray, peak: np.ndarray, t
         best: tuple[float, Group] | None = None
         for j in np.nonzero(ok & (earliest < end * (1 - 1e-9)))[0].tolist():
             trial = (*g, j)
-            members = [*idx, j]
-            need = (params[members] + _shares(tb, t, trial)
-                    + np.maximum(peak[members], tb.act[t]))
-            if (need > tb.mem[members]).any():
+            if not book.fits(t, trial):
                 continue
-            st = float(max(ready[members]))
-            while True:  # the earliest start at which every member is idle
-                moved = max(earliest_start(ls.busy[x], st, dur[j]) for x in trial)
-                if moved == st:
-                    break
-                st = moved
+            st = ls.common_start(trial, float(max(ready[[*idx, j]])), float(dur[j]))
             if st + dur[j] < end * (1 - 1e-9) and (best is None or st + dur[j] < best[0]):
                 best = (st + dur[j], trial)
         if best is None:
