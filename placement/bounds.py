@@ -108,18 +108,9 @@ def through(p: Problem, tp: bool = False, codecs: bool = True) -> np.ndarray:
     """[t, j]: a floor on the makespan of any plan that runs t on j (or on a group
     holding j); inf where t may not run on j.
 
-    It is head + tail (:func:`heads_tails`)."""
-    start, rest, _ = heads_tails(p, tp, codecs)
-    return np.asarray(start + rest)
-
-
-def heads_tails(p: Problem, tp: bool = False,
-                codecs: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """[t, j] floors for a plan that runs t on j (inf where it may not): the head
-    R ≤ t's start, the rest B ≤ the time from t's start to the end, and t's run time.
-
-    A predecessor either shares j (the sharers run one at a time on j, in release
-    order) or sends its output over a link; likewise the successors.
+    It is head + tail: the head R[t, j] ≤ t's start, the tail B[t, j] ≤ the time from
+    t's start to the end. A predecessor either shares j (the sharers run one at a time
+    on j, in release order) or sends its output over a link; likewise the successors.
     """
     n, m = p.n, p.m
     links = _Links(p, codecs)
@@ -158,7 +149,7 @@ def heads_tails(p: Problem, tp: bool = False,
                          if dur[s, j] < INF else None for s in succs]
                 tail[j] = _split([float(a[j]) for a in after], local, _tail_lmax)
         rest[t] = dur[t] + tail
-    return start, rest, dur
+    return np.asarray(start + rest)
 
 
 def path_bound(p: Problem, tp: bool = False, codecs: bool = True) -> float:
